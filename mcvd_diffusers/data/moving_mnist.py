@@ -1,0 +1,235 @@
+"""Moving MNIST: a vectorized bouncing-digit generator, the fixed test set, and the official file.
+
+- ``MovingMNIST`` draws a whole batch of sequences in one call, on the device its
+  digits live on, so training can draw fresh clips every step.
+- ``load_test_set`` materializes a fixed set of clips from MNIST *test* digits once,
+  as a ``datasets.Dataset`` saved to disk (Arrow, memory-mapped), and reuses it.
+- ``load_mnist_test_seq`` reads the standard ``mnist_test_seq.npy`` (Srivastava et al. 2015).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .mnist import MNISTDigits, default_cache_dir, download_file, load_mnist
+
+DIGIT_SIZE = 28
+MOTIONS = ("deterministic", "stochastic")
+
+
+class MovingMNIST:
+    """Bouncing MNIST digits on a black canvas, combined by pixel-wise max.
+
+    Deterministic motion follows Srivastava et al. (2015): a random start and direction,
+    a constant speed of ``step_length`` (fraction of the free range per frame, 0.1 there),
+    elastic bounces off the walls. Stochastic motion (SVG / MCVD's SMMNIST) redraws the
+    direction at every bounce, pointing away from the wall, at the same speed.
+
+    Args:
+        digits: (N, 28, 28) uint8 digit images (``MNISTDigits.images``); their device is
+            the device sequences are generated on.
+    """
+
+    def __init__(
+        self,
+        digits: torch.Tensor,
+        image_size: int = 64,
+        num_digits: int = 2,
+        num_frames: int = 20,
+        motion: str = "deterministic",
+        step_length: float = 0.1,
+    ):
+        if digits.ndim != 3 or tuple(digits.shape[1:]) != (DIGIT_SIZE, DIGIT_SIZE) or digits.dtype != torch.uint8:
+            raise ValueError(f"digits must be a (N, 28, 28) uint8 tensor, got {tuple(digits.shape)} {digits.dtype}")
+        if len(digits) == 0:
+            raise ValueError("digits is empty")
+        if image_size < DIGIT_SIZE:
+            raise ValueError(f"image_size must be at least {DIGIT_SIZE}, got {image_size}")
+        if num_digits < 1 or num_frames < 1:
+            raise ValueError(f"num_digits and num_frames must be >= 1, got {num_digits} and {num_frames}")
+        if motion not in MOTIONS:
+            raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+        if not 0 < step_length <= 1:
+            raise ValueError(f"step_length must be in (0, 1], got {step_length}")
+        self.digits = digits
+        self.image_size = image_size
+        self.num_digits = num_digits
+        self.num_frames = num_frames
+        self.motion = motion
+        self.step_length = step_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.digits.device
+
+    def trajectories(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Top-left pixel positions (row, col) of each digit: (B, T, D, 2) int64 in [0, image_size - 28]."""
+        shape = (batch_size, self.num_digits)
+        rand = lambda *s: torch.rand(*s, generator=generator, device=self.device)  # noqa: E731
+        pos = rand(*shape, 2)  # in units of the free range [0, 1]
+        angle = rand(*shape) * 2 * math.pi
+        vel = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1) * self.step_length
+        frames = []
+        for _ in range(self.num_frames):
+            frames.append(pos)
+            pos = pos + vel
+            low, high = pos < 0, pos > 1
+            pos = torch.where(low, -pos, torch.where(high, 2 - pos, pos))  # elastic reflection
+            bounced = low | high
+            vel = torch.where(bounced, -vel, vel)
+            if self.motion == "stochastic":
+                # A fresh direction at each bounce; its component normal to the wall points inwards.
+                angle = rand(*shape) * 2 * math.pi
+                fresh = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1) * self.step_length
+                fresh = torch.where(bounced, fresh.abs() * torch.where(low, 1.0, -1.0), fresh)
+                vel = torch.where(bounced.any(-1, keepdim=True), fresh, vel)
+        free = self.image_size - DIGIT_SIZE
+        return (torch.stack(frames, dim=1) * free).round().long().clamp_(0, free)
+
+    def render(self, digit_images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Pastes (B, D, 28, 28) digits at (B, T, D, 2) positions: (B, T, H, W) uint8, overlaps by max."""
+        B, T, D, _ = positions.shape
+        offsets = torch.arange(DIGIT_SIZE, device=positions.device)
+        rows = positions[..., 0, None] + offsets  # (B, T, D, 28)
+        cols = positions[..., 1, None] + offsets
+        flat = (rows[..., :, None] * self.image_size + cols[..., None, :]).reshape(B * T, -1)
+        values = digit_images[:, None].expand(B, T, D, DIGIT_SIZE, DIGIT_SIZE).reshape(B * T, -1)
+        canvas = torch.zeros(B * T, self.image_size**2, dtype=digit_images.dtype, device=positions.device)
+        canvas.scatter_reduce_(1, flat, values, reduce="amax")
+        return canvas.view(B, T, self.image_size, self.image_size)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
+        """A batch of sequences (B, T, 1, H, W): floats in [0, 1], or uint8 when ``dtype=torch.uint8``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        index = torch.randint(len(self.digits), (batch_size, self.num_digits), generator=generator, device=self.device)
+        frames = self.render(self.digits[index], self.trajectories(batch_size, generator))[:, :, None]
+        return frames if dtype == torch.uint8 else frames.to(dtype) / 255
+
+
+# ---------------------------------------------------------------- fixed test set
+TEST_SET_SEED = 2022
+TEST_SET_CLIPS = 1000
+_TEST_SET_META = "mcvd_test_set.json"
+
+
+def _digits_fingerprint(digits: torch.Tensor) -> str:
+    return hashlib.sha256(digits.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def build_test_set(
+    digits: MNISTDigits,
+    num_clips: int = TEST_SET_CLIPS,
+    seed: int = TEST_SET_SEED,
+    chunk_size: int = 500,
+    **generator_kwargs,
+):
+    """Generates ``num_clips`` clips on the CPU with a fixed seed: a ``datasets.Dataset`` with a uint8
+    column ``frames`` of shape (T, H, W). The same arguments give the same clips on every machine."""
+    import datasets
+
+    generator = MovingMNIST(digits.images.cpu(), **generator_kwargs)
+    rng = torch.Generator().manual_seed(seed)
+    chunks = [generator.sample(min(chunk_size, num_clips - i), rng, dtype=torch.uint8)[:, :, 0]
+              for i in range(0, num_clips, chunk_size)]
+    frames = torch.cat(chunks).numpy()
+    T, H, W = frames.shape[1:]
+    features = datasets.Features({"frames": datasets.Array3D(shape=(T, H, W), dtype="uint8")})
+    return datasets.Dataset.from_dict({"frames": frames}, features=features)
+
+
+def load_test_set(
+    root: str | os.PathLike | None = None,
+    num_clips: int = TEST_SET_CLIPS,
+    seed: int = TEST_SET_SEED,
+    cache_dir: str | os.PathLike | None = None,
+    **generator_kwargs,
+):
+    """The fixed test set made from MNIST *test* digits (``root`` as in ``load_mnist``), built once
+    into ``cache_dir`` (default: the package cache) and memory-mapped from there afterwards.
+
+    Returns the dataset (torch format, uint8) and a dict describing it (seed, data source, generator options)."""
+    import datasets
+
+    digits = load_mnist("test", root=root)
+    meta = {
+        "num_clips": num_clips,
+        "seed": seed,
+        "digits": _digits_fingerprint(digits.images),
+        "data_source": digits.source,
+        **{k: generator_kwargs[k] for k in sorted(generator_kwargs)},
+    }
+    key = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "data_source"}, sort_keys=True).encode())
+    folder = Path(cache_dir or default_cache_dir() / "test_sets") / f"mmnist-test-{key.hexdigest()[:12]}"
+    if not (folder / _TEST_SET_META).is_file():
+        dataset = build_test_set(digits, num_clips=num_clips, seed=seed, **generator_kwargs)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dataset.save_to_disk(str(tmp))
+        (tmp / _TEST_SET_META).write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)  # a folder is either complete or absent
+    # The formatters widen integers to int64 unless told the dtype; the frames are stored as uint8.
+    dataset = datasets.load_from_disk(str(folder)).with_format("torch", dtype=torch.uint8)
+    return dataset, {**meta, "path": str(folder)}
+
+
+def clips_to_video(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 clips (N, T, H, W) -> float video (N, T, 1, H, W) in [0, 1]."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(frames)
+    if frames.dtype != torch.uint8 or frames.ndim != 4:
+        raise ValueError(f"expected uint8 clips of shape (N, T, H, W), got {tuple(frames.shape)} {frames.dtype}")
+    return frames[:, :, None].float() / 255
+
+
+# ------------------------------------------------------------ official test file
+MNIST_TEST_SEQ_URL = "http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy"
+MNIST_TEST_SEQ_CHECKSUM = "md5:be083ec986bfe91a449d63653c411eb2"
+MNIST_TEST_SEQ_TEST_CLIPS = 1000  # the reproduction's split: first 9000 clips train, last 1000 test
+
+
+def load_mnist_test_seq(
+    path: str | os.PathLike | None = None, split: str = "test", download: bool = False
+) -> torch.Tensor:
+    """Reads ``mnist_test_seq.npy`` (20, N, 64, 64) uint8, frame-major, and returns clips (n, 20, 64, 64).
+
+    split: "train" (all but the last 1000 clips), "test" (the last 1000) or "all".
+    Without ``path`` the file is looked for in the package cache and downloaded there
+    (checksum verified) when ``download=True``."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if path is None:
+        path = default_cache_dir() / "mnist_test_seq.npy"
+        if not path.is_file():
+            if not download:
+                raise FileNotFoundError(
+                    f"{path} not found: pass path=<your mnist_test_seq.npy> or download=True "
+                    f"(fetches {MNIST_TEST_SEQ_URL})"
+                )
+            download_file(MNIST_TEST_SEQ_URL, path, MNIST_TEST_SEQ_CHECKSUM)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from e
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] != 20 or array.shape[2:] != (64, 64):
+        raise ValueError(
+            f"{path}: expected a uint8 array of shape (20, N, 64, 64) (frames first, as the official file), "
+            f"got {array.dtype} {array.shape}"
+        )
+    n_test = MNIST_TEST_SEQ_TEST_CLIPS
+    if split != "all" and array.shape[1] <= n_test:
+        raise ValueError(f"{path}: holds {array.shape[1]} clips; the train/test split needs more than {n_test}")
+    part = {"train": slice(0, -n_test), "test": slice(-n_test, None), "all": slice(None)}[split]
+    return torch.from_numpy(np.ascontiguousarray(array[:, part].transpose(1, 0, 2, 3)))

@@ -1,0 +1,3 @@
+from .unet_mcvd import PRESETS, MCVDUNet2DModel
+
+__all__ = ["MCVDUNet2DModel", "PRESETS"]

@@ -1,0 +1,59 @@
+"""Noise schedules for training, and named diffusers samplers for inference.
+
+Every sampler here is a stock diffusers scheduler built with ``from_config`` from the
+pipeline's own scheduler config, so it shares the trained noise schedule. The only
+choice we make is the timestep grid: ``"trailing"`` spacing starts sampling at the last
+training step (t=999, pure noise). diffusers' DDIM default (``"leading"``) starts 50-step
+sampling at t=980, which under a cosine schedule is far from pure noise: the cause of
+the reproduction's DDIM collapse.
+"""
+
+from __future__ import annotations
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# name -> (scheduler class, config overrides). Documented in README.md.
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing"}),
+    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    "dpm++": (DPMSolverMultistepScheduler, {"timestep_spacing": "trailing", "algorithm_type": "dpmsolver++",
+                                            "solver_order": 2, "final_sigmas_type": "zero"}),
+    "unipc": (UniPCMultistepScheduler, {"timestep_spacing": "trailing", "final_sigmas_type": "zero"}),
+}
+
+
+def make_noise_scheduler(
+    beta_schedule: str = "cosine", prediction_type: str = "v_prediction", num_train_timesteps: int = 1000
+) -> DDPMScheduler:
+    """The training scheduler, which is also the scheduler a new pipeline ships with (DDPM, x0 clipped to [-1, 1])."""
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {beta_schedule!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=BETA_SCHEDULES[beta_schedule],
+        prediction_type=prediction_type,
+        clip_sample=True,
+        clip_sample_range=1.0,
+        timestep_spacing="trailing",
+    )
+
+
+def make_sampler(name: str, config) -> SchedulerMixin:
+    """A named sampler (``SAMPLERS``) built from a pipeline's scheduler config."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    cls, overrides = SAMPLERS[name]
+    return cls.from_config(config, **overrides)

@@ -1,0 +1,182 @@
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import make_tiny_pipeline
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from mcvd_diffusers import MCVDPipeline, make_sampler
+from mcvd_diffusers import pipeline_mcvd
+
+SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def past():
+    return torch.rand(2, 2, 32, 32, generator=gen(5))
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)
+def test_any_diffusers_scheduler_and_every_output_type(tiny_pipe, past, scheduler_cls):
+    tiny_pipe.scheduler = scheduler_cls.from_config(tiny_pipe.scheduler.config)
+    pt = tiny_pipe(past, num_inference_steps=4, generator=gen()).frames
+    assert isinstance(pt, torch.Tensor) and pt.shape == (2, 3, 1, 32, 32)
+    assert pt.min() >= 0 and pt.max() <= 1 and pt.std() > 0
+    np_frames = tiny_pipe(past, num_inference_steps=4, generator=gen(), output_type="np").frames
+    assert isinstance(np_frames, np.ndarray) and np_frames.shape == (2, 3, 32, 32, 1)
+    np.testing.assert_allclose(np_frames, pt.permute(0, 1, 3, 4, 2).numpy(), atol=1e-6)
+    pil = tiny_pipe(past, num_inference_steps=4, generator=gen(), output_type="pil").frames
+    assert len(pil) == 2 and len(pil[0]) == 3 and isinstance(pil[0][0], PIL.Image.Image)
+    assert pil[0][0].size == (32, 32)
+
+
+def test_ddim_eta_is_passed_to_the_scheduler(tiny_pipe, past):
+    tiny_pipe.scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    a = tiny_pipe(past, num_inference_steps=4, generator=gen(), eta=0.0).frames
+    b = tiny_pipe(past, num_inference_steps=4, generator=gen(), eta=1.0).frames
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_same_generator_same_frames_and_one_generator_per_video(tiny_pipe, past):
+    a = tiny_pipe(past, num_inference_steps=3, generator=gen(1)).frames
+    b = tiny_pipe(past, num_inference_steps=3, generator=gen(1)).frames
+    c = tiny_pipe(past, num_inference_steps=3, generator=gen(2)).frames
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # With a list, video i depends on generator i only: the same as running it alone.
+    batch = tiny_pipe(past, num_inference_steps=3, generator=[gen(10), gen(11)]).frames
+    alone = tiny_pipe(past[1:], num_inference_steps=3, generator=[gen(11)]).frames
+    torch.testing.assert_close(batch[1:], alone)
+
+
+def test_sampling_runs_without_dropout_and_keeps_the_training_mode():
+    pipe = make_tiny_pipeline(dropout=0.5)
+    pipe.unet.train()
+    past = torch.rand(1, 2, 32, 32)
+    a = pipe(past, num_inference_steps=2, generator=gen()).frames
+    b = pipe(past, num_inference_steps=2, generator=gen()).frames
+    assert torch.equal(a, b) and pipe.unet.training
+
+
+def test_uint8_and_numpy_inputs_match_float_input(tiny_pipe):
+    past_u8 = torch.randint(0, 256, (1, 2, 32, 32), dtype=torch.uint8, generator=gen())
+    from_float = tiny_pipe(past_u8.float() / 255, num_inference_steps=2, generator=gen()).frames
+    from_u8 = tiny_pipe(past_u8, num_inference_steps=2, generator=gen()).frames
+    from_np = tiny_pipe(past_u8.numpy()[:, :, None], num_inference_steps=2, generator=gen()).frames
+    torch.testing.assert_close(from_u8, from_float)
+    torch.testing.assert_close(from_np, from_float)
+
+
+def test_rollout_slides_the_window_onto_generated_frames(tiny_pipe, past):
+    tiny_pipe.scheduler = make_sampler("ddim", tiny_pipe.scheduler.config)
+    seen = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["past_frames"].clone()), with_kwargs=True
+    )
+    long = tiny_pipe(past, num_frames=7, num_inference_steps=2, generator=gen()).frames
+    hook.remove()
+    assert long.shape == (2, 7, 1, 32, 32)
+    assert len(seen) == 3 * 2  # ceil(7 / 3) blocks of 2 steps
+    torch.testing.assert_close(seen[0], past[:, :, None] * 2 - 1)
+    # Block 2 is conditioned on the last two frames of block 1, block 3 on those of block 2.
+    torch.testing.assert_close((seen[2] + 1) / 2, long[:, 1:3], atol=1e-5, rtol=0)
+    torch.testing.assert_close((seen[4] + 1) / 2, long[:, 4:6], atol=1e-5, rtol=0)
+    one_block = tiny_pipe(past, num_frames=3, num_inference_steps=2, generator=gen()).frames
+    torch.testing.assert_close(long[:, :3], one_block)
+
+
+def test_unconditional_generation_needs_a_model_trained_with_past_masking(tiny_pipe):
+    with pytest.raises(ValueError, match="trained without past masking"):
+        tiny_pipe(past_frames=None, num_inference_steps=2)
+    masked = make_tiny_pipeline(prob_mask_past=0.5)
+    videos = masked(batch_size=3, num_frames=5, num_inference_steps=2, generator=gen()).frames
+    assert videos.shape == (3, 5, 1, 32, 32)
+
+
+def test_interpolation_uses_future_frames():
+    interp = make_tiny_pipeline(num_future_frames=2)
+    past, future = torch.rand(1, 2, 32, 32), torch.rand(1, 2, 32, 32)
+    with pytest.raises(ValueError, match="pass future_frames"):
+        interp(past, num_inference_steps=2)
+    filled = interp(past, future_frames=future, num_inference_steps=2, generator=gen()).frames
+    assert filled.shape == (1, 3, 1, 32, 32)
+    other = interp(past, future_frames=1 - future, num_inference_steps=2, generator=gen()).frames
+    assert (filled - other).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="interpolation fills exactly num_current_frames=3"):
+        interp(past, future_frames=future, num_frames=6, num_inference_steps=2)
+    with pytest.raises(ValueError, match="not trained for interpolation"):
+        make_tiny_pipeline()(past, future_frames=future, num_inference_steps=2)
+
+
+@pytest.mark.parametrize(
+    "past, kwargs, message",
+    [
+        (torch.rand(1, 3, 32, 32), {}, "must hold 2 frames per video"),
+        (torch.rand(1, 2, 64, 64), {}, "must be 1x32x32 .*got 1x64x64"),
+        (torch.rand(1, 2, 3, 32, 32), {}, "must be 1x32x32 .*got 3x32x32"),
+        (torch.rand(2, 32, 32), {}, r"must have shape \(B, 2, H, W\)"),
+        (torch.full((1, 2, 32, 32), float("nan")), {}, "NaN"),
+        (torch.rand(1, 2, 32, 32) * 255, {}, r"must lie in \[0, 1\]"),
+        (torch.rand(1, 2, 32, 32) - 0.5, {}, r"must lie in \[0, 1\]"),
+        (torch.zeros(1, 2, 32, 32, dtype=torch.int32), {}, "uint8 .* or float"),
+        ([[0.5]], {}, "torch.Tensor or numpy array"),
+        (torch.rand(2, 2, 32, 32), {"generator": [torch.Generator()]}, "1 generators for a batch of 2"),
+        (torch.rand(1, 2, 32, 32), {"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+        (torch.rand(1, 2, 32, 32), {"num_frames": 0}, "num_frames must be an integer >= 1"),
+        (torch.rand(1, 2, 32, 32), {"output_type": "latent"}, "output_type must be one of"),
+        (torch.rand(1, 2, 32, 32), {"batch_size": 4}, "batch_size=4 but past_frames holds 1"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(tiny_pipe, past, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe(past, **{"num_inference_steps": 2, **kwargs})
+
+
+def test_save_and_load_give_identical_frames(tiny_pipe, past, tmp_path):
+    tiny_pipe.scheduler = make_sampler("dpm++", tiny_pipe.scheduler.config)
+    tiny_pipe.save_pretrained(tmp_path)
+    files = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    library, class_name = json.loads((tmp_path / "model_index.json").read_text())["unet"]
+    assert library.startswith("mcvd_diffusers") and class_name == "MCVDUNet2DModel"
+    loaded = MCVDPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is DPMSolverMultistepScheduler
+    expected = tiny_pipe(past, num_inference_steps=3, generator=gen()).frames
+    torch.testing.assert_close(loaded(past, num_inference_steps=3, generator=gen()).frames, expected, atol=0, rtol=0)
+
+
+def test_hub_repo_id_downloads_a_snapshot_then_loads_it(tiny_pipe, tmp_path, monkeypatch):
+    tiny_pipe.save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, token=None, cache_dir=None, local_files_only=False):
+        calls.append((repo_id, revision))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(pipeline_mcvd, "snapshot_download", fake_snapshot_download)
+    loaded = MCVDPipeline.from_pretrained("someone/mcvd-mmnist", revision="v1")
+    assert calls == [("someone/mcvd-mmnist", "v1")]
+    assert loaded.unet.config.num_past_frames == 2
+
+
+def test_missing_or_corrupt_files_give_clear_errors(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="not a folder holding a saved MCVDPipeline"):
+        MCVDPipeline.from_pretrained(str(tmp_path / "nope"))
+    weights = tmp_path / "ok" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is corrupt or truncated"):
+        MCVDPipeline.from_pretrained(tmp_path / "ok")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="holds no .safetensors weight file"):
+        MCVDPipeline.from_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model_index.json is corrupt"):
+        MCVDPipeline.from_pretrained(tmp_path / "ok")
