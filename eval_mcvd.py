@@ -1,40 +1,50 @@
-"""Predict test clips with several samplers and compare them.
+"""Evaluate samplers and baselines on the same test clips, in one run.
 
 usage:
-  python eval_mcvd.py --model PATH_OR_REPO --samplers ddpm:1000 ddim:50 --num-clips 4 --out results/NAME
+  python eval_mcvd.py --model PATH_OR_REPO --samplers ddpm:1000 ddim:50 dpm++:20 \\
+      --num-clips 256 --samples-per-clip 10 --out results/NAME
 
-Writes predictions.gif (past | ground truth | each sampler) and metrics.json into --out.
-Sampler names: see mcvd_diffusers.schedulers.SAMPLERS.
+Writes into --out: metrics.json, summary.md, per_clip.csv, curves.png, predictions.gif and
+report.html (self-contained). Finished samplers are cached in --out/cache: rerunning an
+interrupted evaluation skips them. Sampler names: see README.md (mcvd_diffusers.SAMPLERS).
 """
 
 import argparse
 import sys
 
-from mcvd_diffusers.evaluation import evaluate_samplers
+from mcvd_diffusers.evaluation import EvalConfig, evaluate, summary_table
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved MCVDPipeline folder or a Hub repo id")
-    parser.add_argument("--samplers", nargs="+", default=["ddpm:1000", "ddim:50"], help="NAME:STEPS ...")
-    parser.add_argument("--num-clips", type=int, default=4)
-    parser.add_argument("--num-frames", type=int, default=10, help="frames to predict after the past ones")
-    parser.add_argument("--mnist-root", default=None,
-                        help="MNIST folder for the test clips, or 'bundled' (default: $MCVD_MNIST_DIR, else download)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
     parser.add_argument("--out", required=True, help="results folder")
+    parser.add_argument("--samplers", nargs="+", default=["ddpm:1000", "ddim:50", "dpm++:20"], help="NAME:STEPS ...")
+    parser.add_argument("--num-clips", type=int, default=256)
+    parser.add_argument("--samples-per-clip", type=int, default=10, help="k, for mean-of-k and best-of-k")
+    parser.add_argument("--num-frames", type=int, default=10, help="frames to predict after the past ones")
+    parser.add_argument("--test-set", choices=["generated", "official"], default="generated",
+                        help="the fixed generated test set, or the official mnist_test_seq.npy (last 1000 clips)")
+    parser.add_argument("--test-file", help="path of mnist_test_seq.npy, for --test-set official")
+    parser.add_argument("--mnist-root", help="MNIST for the generated test set: a folder or 'bundled' "
+                                             "(default: $MCVD_MNIST_DIR, else download)")
+    parser.add_argument("--batch-size", type=int, default=64, help="videos sampled at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--gif-clips", type=int, default=4, help="clips shown in predictions.gif")
+    parser.add_argument("--no-timing", action="store_true", help="skip the batch-1 latency measurement")
     args = parser.parse_args(argv)
+    config = EvalConfig(model=args.model, out=args.out, samplers=args.samplers, num_clips=args.num_clips,
+                        samples_per_clip=args.samples_per_clip, num_frames=args.num_frames, test_set=args.test_set,
+                        test_file=args.test_file, mnist_root=args.mnist_root, batch_size=args.batch_size,
+                        seed=args.seed, device=args.device, gif_clips=args.gif_clips, timing=not args.no_timing)
     try:
-        record = evaluate_samplers(args.model, args.samplers, args.num_clips, args.out, mnist_root=args.mnist_root,
-                                   num_frames=args.num_frames, seed=args.seed, device=args.device)
+        record = evaluate(config)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    print(f"test clips: {record['num_clips']} from {record['test_set']['data_source']}")
-    print(f"{'prediction':<18} {'MSE':>8}")
-    for label, numbers in record["results"].items():
-        print(f"{label:<18} {numbers['mse']:>8.4f}")
-    print(f"wrote {args.out}/{record['gif']} and {args.out}/metrics.json")
+    print(f"\n{record['eval_config']['num_clips']} clips, {record['data_source']}; device {record['device']}\n")
+    print(summary_table(record))
+    print(f"\nreport: {args.out}/report.html (also metrics.json, summary.md, per_clip.csv, curves.png, predictions.gif)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,27 @@
-"""Evaluation pieces used by eval_mcvd.py: samplers by name, predictions on test clips, GIF grids."""
+"""The evaluation protocol behind eval_mcvd.py: samplers and baselines on the same clips, in one run.
+
+For each sampler, every test clip gets k samples (one seeded generator per video, so the
+numbers do not depend on the batch size); each is scored per frame (metrics.py) and
+aggregated to mean-of-k and best-of-k. Baselines: copy-last-frame and the ground truth
+itself (a sanity row: SSIM 1, LPIPS 0). Each sampler's result is cached in the results
+folder, so an interrupted run picks up where it stopped.
+"""
 
 from __future__ import annotations
 
+import base64
+import csv
+import dataclasses
+import hashlib
+import html
+import importlib.metadata
 import json
 import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +29,34 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 from diffusers.utils import export_to_gif
+from tqdm.auto import tqdm
 
-from .data.moving_mnist import clips_to_video, load_test_set
-from .metrics import mse_per_frame
+from .data.moving_mnist import clips_to_video, load_mnist_test_seq, load_test_set
+from .metrics import METRICS, FrameMetrics, aggregate
 from .pipeline_mcvd import MCVDPipeline
 from .schedulers import SAMPLERS, make_sampler
+
+TEST_SETS = ("generated", "official")
+COPY_LAST, GROUND_TRUTH = "copy last frame", "ground truth"
+GIF_SAMPLES = 2  # samples per sampler shown in the GIF grid
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    out: str
+    samplers: list[str] = field(default_factory=lambda: ["ddpm:1000", "ddim:50", "dpm++:20"])
+    num_clips: int = 256
+    samples_per_clip: int = 10
+    num_frames: int = 10  # frames predicted after the model's past frames
+    test_set: str = "generated"  # the fixed generated test set, or "official" (mnist_test_seq.npy)
+    test_file: str | None = None  # path of mnist_test_seq.npy for test_set="official"
+    mnist_root: str | None = None  # MNIST for the generated test set (a folder, "bundled", or None)
+    batch_size: int = 64  # videos sampled at once
+    seed: int = 0
+    device: str | None = None
+    gif_clips: int = 4
+    timing: bool = True  # also time batch-1 latency
 
 
 def parse_sampler(spec: str) -> tuple[str, int]:
@@ -33,12 +74,303 @@ def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
     return past[:, -1:].expand(-1, num_frames, *past.shape[2:]).clone()
 
 
-def predict(pipe: MCVDPipeline, past: torch.Tensor, sampler: str, steps: int, num_frames: int,
-            seed: int = 0) -> torch.Tensor:
-    """Predictions (B, num_frames, C, H, W) in [0, 1] with a named sampler; one seeded generator per clip."""
-    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
-    generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in range(len(past))]
-    return pipe(past, num_frames=num_frames, num_inference_steps=steps, generator=generators).frames.cpu()
+def _validate(config: EvalConfig) -> list[tuple[str, int]]:
+    samplers = [parse_sampler(s) for s in config.samplers]
+    if len(set(config.samplers)) != len(config.samplers):
+        raise ValueError(f"samplers are listed twice: {config.samplers}")
+    for name in ("num_clips", "samples_per_clip", "num_frames", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.gif_clips < 0:
+        raise ValueError(f"gif_clips must be >= 0, got {config.gif_clips}")
+    if config.test_set not in TEST_SETS:
+        raise ValueError(f"test_set must be one of {TEST_SETS}, got {config.test_set!r}")
+    if config.test_set == "official" and not config.test_file:
+        raise ValueError("test_set='official' needs test_file=<path of mnist_test_seq.npy>")
+    return samplers
+
+
+def load_test_clips(config: EvalConfig) -> tuple[torch.Tensor, dict]:
+    """The first ``num_clips`` test clips as uint8 (N, T, H, W) and a description of the test set."""
+    if config.test_set == "official":
+        clips = load_mnist_test_seq(config.test_file, split="test")
+        info = {"name": "official", "data_source": f"mnist_test_seq.npy ({config.test_file}), last 1000 clips"}
+    else:
+        dataset, meta = load_test_set(root=config.mnist_root)
+        clips, info = dataset.with_format("torch", dtype=torch.uint8)["frames"], {"name": "generated", **meta}
+    if config.num_clips > len(clips):
+        raise ValueError(f"num_clips={config.num_clips} but the {config.test_set} test set holds {len(clips)} clips")
+    return clips[: config.num_clips], info
+
+
+def _video_generators(device, seed: int, clip_index: torch.Tensor, sample_index: torch.Tensor):
+    # One generator per (clip, sample): the same video whatever the batch size or order.
+    return [torch.Generator(device).manual_seed(seed * 1_000_003 + 1000 * int(c) + int(s))
+            for c, s in zip(clip_index, sample_index)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_batch1(pipe, past, steps, num_frames, device) -> float:
+    """Seconds for one video at batch 1, after a short warm-up, synchronized."""
+    pipe(past[:1], num_frames=num_frames, num_inference_steps=min(steps, 2), generator=torch.Generator(device))
+    _sync(device)
+    start = time.perf_counter()
+    pipe(past[:1], num_frames=num_frames, num_inference_steps=steps, generator=torch.Generator(device))
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Tensor, future: torch.Tensor,
+                steps: int, config: EvalConfig, progress) -> dict:
+    """Samples k videos per clip in batches, scores them per frame. Returns the per-frame metrics
+    (N, k, F), the predictions of the GIF clips, and timings."""
+    device = pipe.device
+    n, k = len(past), config.samples_per_clip
+    clip_index = torch.arange(n).repeat_interleave(k)
+    sample_index = torch.arange(k).repeat(n)
+    per_frame = {name: torch.empty(n * k, config.num_frames) for name in frame_metrics.metrics}
+    shown = min(k, GIF_SAMPLES)
+    gif = torch.zeros(min(config.gif_clips, n), shown, *future.shape[1:], dtype=torch.uint8)
+    # Warm-up at the batch size, so that the amortized time excludes one-off costs.
+    pipe(past[:1].expand(min(config.batch_size, n * k), *past.shape[1:]), num_frames=config.num_frames,
+         num_inference_steps=min(steps, 2))
+    _sync(device)
+    sampling_seconds = 0.0
+    for start in range(0, n * k, config.batch_size):
+        idx = slice(start, start + config.batch_size)
+        clips, samples = clip_index[idx], sample_index[idx]
+        generators = _video_generators(device, config.seed, clips, samples)
+        begin = time.perf_counter()
+        frames = pipe(past[clips], num_frames=config.num_frames, num_inference_steps=steps,
+                      generator=generators).frames
+        _sync(device)
+        sampling_seconds += time.perf_counter() - begin
+        for name, values in frame_metrics(frames, future[clips]).items():
+            per_frame[name][idx] = values
+        for j, (c, s) in enumerate(zip(clips.tolist(), samples.tolist())):
+            if c < len(gif) and s < shown:
+                gif[c, s] = (frames[j].cpu() * 255).round().byte()
+        progress.update(len(clips))
+    timing = {"seconds_per_video_amortized": sampling_seconds / (n * k), "batch_size": config.batch_size}
+    if config.timing:
+        timing["seconds_per_video_batch1"] = _time_batch1(pipe, past, steps, config.num_frames, device)
+    return {"per_frame": {name: v.view(n, k, -1) for name, v in per_frame.items()}, "gif": gif, "timing": timing}
+
+
+def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_config: dict, steps: int) -> str:
+    weights = hashlib.sha256()
+    for tensor in pipe.unet.state_dict().values():
+        weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("samplers", "out", "device",
+                                                                                "batch_size", "timing")}
+    key = {"weights": weights.hexdigest(), "config": fields, "test_set": {k: v for k, v in test_info.items()
+                                                                          if k != "path"},
+           "sampler": sampler_config, "steps": steps, "metrics": list(METRICS)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_cache(path: Path, key: str, result: dict) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    arrays = {f"metric_{k}": v.numpy() for k, v in result["per_frame"].items()}
+    np.savez(tmp, key=np.array(key), gif=result["gif"].numpy(), timing=np.array(json.dumps(result["timing"])),
+             **arrays)
+    os.replace(tmp, path)  # a cache file is complete or absent
+
+
+def _load_cache(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                return None
+            per_frame = {k[len("metric_"):]: torch.from_numpy(data[k]) for k in data.files if k.startswith("metric_")}
+            return {"per_frame": per_frame, "gif": torch.from_numpy(data["gif"]),
+                    "timing": json.loads(str(data["timing"]))}
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: recompute
+
+
+def _versions() -> dict:
+    packages = ("torch", "diffusers", "accelerate", "torchmetrics", "datasets", "mcvd-diffusers")
+    found = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Runs the protocol and writes every output into ``config.out``; returns what metrics.json holds."""
+    samplers = _validate(config)  # names and numbers first, then files: all before any sampling
+    pipe = MCVDPipeline.from_pretrained(config.model)
+    clips, test_info = load_test_clips(config)
+    unet_cfg = pipe.unet.config
+    num_past = unet_cfg.num_past_frames
+    if num_past + config.num_frames > clips.shape[1]:
+        raise ValueError(f"the test clips hold {clips.shape[1]} frames: {num_past} past + num_frames="
+                         f"{config.num_frames} do not fit")
+    if tuple(clips.shape[2:]) != pipe.unet.frame_shape[1:] or pipe.unet.frame_shape[0] != 1:
+        raise ValueError(f"the test frames are 1x{clips.shape[2]}x{clips.shape[3]}, the model expects "
+                         f"{'x'.join(map(str, pipe.unet.frame_shape))}")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    frame_metrics = FrameMetrics(device)
+    video = clips_to_video(clips)
+    past, future = video[:, :num_past], video[:, num_past : num_past + config.num_frames]
+    out = Path(config.out)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+
+    rows: dict[str, dict] = {}
+    for label, prediction in ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames))):
+        per_frame = frame_metrics(prediction, future)
+        rows[label] = {"kind": "baseline", "samples_per_clip": 1,
+                       "per_frame": {k: v[:, None] for k, v in per_frame.items()}, "timing": {}}
+    gifs = {}
+    total = len(samplers) * len(past) * config.samples_per_clip
+    with tqdm(total=total, desc="evaluate", unit="video") as progress:
+        for (name, steps), spec in zip(samplers, config.samplers):
+            progress.set_postfix(sampler=spec)
+            pipe.scheduler = make_sampler(name, pipe.scheduler.config)
+            cache = out / "cache" / f"{name.replace('+', 'p')}-{steps}.npz"
+            key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), steps)
+            result = _load_cache(cache, key)
+            if result is None:
+                result = run_sampler(pipe, frame_metrics, past, future, steps, config, progress)
+                _save_cache(cache, key, result)
+            else:
+                progress.update(len(past) * config.samples_per_clip)
+                tqdm.write(f"{spec}: reused {cache}")
+            rows[spec] = {"kind": "sampler", "scheduler": type(pipe.scheduler).__name__, "steps": steps,
+                          "scheduler_config": dict(pipe.scheduler.config), "samples_per_clip": config.samples_per_clip,
+                          "per_frame": result["per_frame"], "timing": result["timing"]}
+            gifs[spec] = result["gif"]
+
+    for row in rows.values():
+        row["metrics"] = aggregate(row.pop("per_frame"))
+    record = {
+        "model": str(config.model),
+        "model_config": dict(unet_cfg),
+        "eval_config": dataclasses.asdict(config),
+        "test_set": test_info,
+        "data_source": test_info["data_source"],
+        "device": device_name(device),
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "rows": rows,
+    }
+    write_outputs(out, record, past[: config.gif_clips], future[: config.gif_clips], gifs)
+    return record
+
+
+# ---------------------------------------------------------------------------------- outputs
+SUMMARY_COLUMNS = [("mse", "MSE", 4), ("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("ssim_binarized", "SSIM bin", 3),
+                   ("lpips_alex", "LPIPS-alex", 3), ("lpips_vgg", "LPIPS-vgg", 3)]
+
+
+def _fmt_seconds(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def summary_table(record: dict) -> str:
+    """The markdown table: one line per row and aggregation (mean-of-k, best-of-k), mean ± 95% interval."""
+    header = ["row", "steps", "s/video (batch 1)", "s/video (amortized)", "k", "aggregate",
+              *[title for _, title, _ in SUMMARY_COLUMNS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in record["rows"].items():
+        for aggregate_name in ("mean_of_k", "best_of_k"):
+            if aggregate_name == "best_of_k" and row["samples_per_clip"] == 1:
+                continue
+            cells = [label, str(row.get("steps", "")), _fmt_seconds(row["timing"].get("seconds_per_video_batch1")),
+                     _fmt_seconds(row["timing"].get("seconds_per_video_amortized")), str(row["samples_per_clip"]),
+                     aggregate_name.replace("_", "-")]
+            for metric, _, digits in SUMMARY_COLUMNS:
+                stats = row["metrics"][metric][aggregate_name]
+                cells.append(f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Tensor, gifs: dict) -> None:
+    json_record = json.loads(json.dumps(record, default=str))
+    for row in json_record["rows"].values():  # per-clip values live in per_clip.csv
+        for stats in row["metrics"].values():
+            stats.pop("per_clip_mean_of_k"), stats.pop("per_clip_best_of_k")
+    (out / "metrics.json").write_text(json.dumps(json_record, indent=2))
+    _write_per_clip_csv(out / "per_clip.csv", record)
+    table = summary_table(record)
+    (out / "summary.md").write_text(
+        f"# Evaluation of {record['model']}\n\n"
+        f"{record['eval_config']['num_clips']} clips of the {record['test_set']['name']} test set "
+        f"({record['data_source']}), {record['eval_config']['samples_per_clip']} samples per clip, device "
+        f"{record['device']}. Values: mean over clips ± 95% interval; per frame, then mean-of-k or best-of-k "
+        f"per clip. PSNR capped at 100 dB.\n\n{table}\n")
+    plot_curves(out / "curves.png", record)
+    if len(past) and gifs:
+        predictions = {f"{spec} #{s + 1}": gif[:, s].float() / 255 for spec, gif in gifs.items()
+                       for s in range(gif.shape[1])}
+        comparison_gif(out / "predictions.gif", past, future, predictions)
+    write_report(out / "report.html", record, table, out / "curves.png",
+                 out / "predictions.gif" if (out / "predictions.gif").exists() else None)
+
+
+def _write_per_clip_csv(path: Path, record: dict) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "clip", *[f"{m}_{a}" for m in METRICS for a in ("mean_of_k", "best_of_k")]])
+        for label, row in record["rows"].items():
+            metrics = row["metrics"]
+            for clip in range(len(metrics["mse"]["per_clip_mean_of_k"])):
+                writer.writerow([label, clip, *[f"{metrics[m][f'per_clip_{a}'][clip]:.6g}" for m in METRICS
+                                                for a in ("mean_of_k", "best_of_k")]])
+
+
+def plot_curves(path: Path, record: dict) -> None:
+    """SSIM, PSNR and LPIPS against the predicted frame's index, one line per sampler and baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("ssim", "SSIM"), ("psnr", "PSNR (dB)"), ("lpips_alex", "LPIPS (AlexNet)"), ("lpips_vgg", "LPIPS (VGG)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (metric, title) in zip(axes, panels):
+        for label, row in record["rows"].items():
+            if label == GROUND_TRUTH:
+                continue  # a flat line at the perfect score
+            curve = row["metrics"][metric]["per_frame"]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
+                    linestyle="--" if row["kind"] == "baseline" else "-", label=label)
+        ax.set_xlabel("predicted frame")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("per-frame metrics (mean over clips and samples)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _tile(frame: torch.Tensor, scale: int, border: tuple[int, int, int]) -> np.ndarray:
@@ -58,7 +390,8 @@ def comparison_gif(path: str | os.PathLike, past: torch.Tensor, target: torch.Te
     The past frames play first in every column (green border), then the future
     (white border for ground truth, red for predictions)."""
     GREEN, WHITE, RED = (40, 200, 70), (255, 255, 255), (220, 50, 50)
-    columns = {"ground truth": target, **predictions}
+    columns = {GROUND_TRUTH: target, **predictions}
+    tile_width = past.shape[-1] * scale + 4
     frames = []
     for t in range(past.shape[1] + target.shape[1]):
         rows = []
@@ -68,17 +401,18 @@ def comparison_gif(path: str | os.PathLike, past: torch.Tensor, target: torch.Te
                 if t < past.shape[1]:
                     tiles.append(_tile(past[b, t], scale, GREEN))
                 else:
-                    tiles.append(_tile(video[b, t - past.shape[1]], scale, WHITE if label == "ground truth" else RED))
+                    tiles.append(_tile(video[b, t - past.shape[1]], scale, WHITE if label == GROUND_TRUTH else RED))
             rows.append(np.concatenate(tiles, axis=1))
         grid = np.concatenate(rows, axis=0)
-        header = PIL.Image.new("RGB", (grid.shape[1], 14), (0, 0, 0))
-        draw = PIL.ImageDraw.Draw(header)
+        image = PIL.Image.new("RGB", (grid.shape[1], grid.shape[0] + 28))
+        draw = PIL.ImageDraw.Draw(image)
         for i, label in enumerate(columns):
-            draw.text((i * (grid.shape[1] // len(columns)) + 3, 1), label, fill=(255, 255, 255))
-        draw.text((grid.shape[1] - 28, 1), f"t={t}", fill=(160, 160, 160))
-        image = PIL.Image.new("RGB", (grid.shape[1], grid.shape[0] + 14))
-        image.paste(header, (0, 0))
-        image.paste(PIL.Image.fromarray(grid), (0, 14))
+            name, _, sample = label.partition(" #")
+            draw.text((i * tile_width + 3, 1), name, fill=(255, 255, 255))
+            draw.text((i * tile_width + 3, 13), f"sample {sample}" if sample else "", fill=(200, 200, 200))
+        phase = "past" if t < past.shape[1] else "future"
+        draw.text((grid.shape[1] - 70, 13), f"t={t} {phase}", fill=(160, 160, 160))
+        image.paste(PIL.Image.fromarray(grid), (0, 28))
         frames.append(image)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,37 +420,49 @@ def comparison_gif(path: str | os.PathLike, past: torch.Tensor, target: torch.Te
     return path
 
 
-def evaluate_samplers(model: str, samplers: list[str], num_clips: int, out: str | os.PathLike,
-                      mnist_root: str | None = None, num_frames: int = 10, seed: int = 0,
-                      device: str | None = None) -> dict:
-    """Predicts the first ``num_clips`` clips of the fixed test set with each sampler; writes a GIF grid
-    and ``metrics.json`` (MSE per sampler and for copy-last-frame) into ``out``; returns the metrics."""
-    parsed = [parse_sampler(s) for s in samplers]  # all names checked before any work
-    if num_clips < 1:
-        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
-    pipe = MCVDPipeline.from_pretrained(model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.to(device)
-    pipe.set_progress_bar_config(leave=False)
-    dataset, test_set = load_test_set(root=mnist_root)
-    if num_clips > len(dataset):
-        raise ValueError(f"num_clips={num_clips} but the test set holds {len(dataset)} clips")
-    num_past = pipe.unet.config.num_past_frames
-    if num_frames < 1 or num_past + num_frames > dataset[0]["frames"].shape[0]:
-        raise ValueError(f"num_frames must be in 1..{dataset[0]['frames'].shape[0] - num_past} for this test set")
-    video = clips_to_video(dataset[:num_clips]["frames"])
-    past, future = video[:, :num_past], video[:, num_past : num_past + num_frames]
-    predictions = {"copy last frame": copy_last_frame(past, future.shape[1])}
-    for name, steps in parsed:
-        predictions[f"{name}:{steps}"] = predict(pipe, past, name, steps, future.shape[1], seed)
-    results = {
-        label: {"mse": mse_per_frame(pred, future).mean().item()} for label, pred in predictions.items()
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _markdown_table_to_html(table: str) -> str:
+    lines = [line.strip().strip("|").split("|") for line in table.splitlines()]
+    head, body = lines[0], lines[2:]
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
+    return ("<table><thead><tr>" + cells(head, "th") + "</tr></thead><tbody>"
+            + "".join("<tr>" + cells(row, "td") + "</tr>" for row in body) + "</tbody></table>")
+
+
+def write_report(path: Path, record: dict, table: str, curves: Path, gif: Path | None) -> None:
+    """One self-contained HTML page: the table, the curves and the GIF, images inlined."""
+    cfg = record["eval_config"]
+    details = {
+        "model": record["model"], "test set": f"{record['test_set']['name']}: {record['data_source']}",
+        "clips": cfg["num_clips"], "samples per clip": cfg["samples_per_clip"],
+        "frames predicted": cfg["num_frames"], "device": record["device"],
+        "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v),
+        "git commit": record["git_commit"] or "unknown",
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    gif = comparison_gif(out / "predictions.gif", past[:4], future[:4],
-                         {k: v[:4] for k, v in predictions.items() if k != "copy last frame"})
-    record = {"model": str(model), "num_clips": num_clips, "test_set": test_set, "device": device,
-              "results": results, "gif": gif.name}
-    (out / "metrics.json").write_text(json.dumps(record, indent=2))
-    return record
+    gif_html = (f'<h2>Predictions</h2><p>Rows: clips. Columns: ground truth, then samples of each sampler. '
+                f'Green border: past frames; red: predicted.</p><img alt="predictions" src="{_data_uri(gif, "image/gif")}">'
+                if gif else "")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>MCVD evaluation: {html.escape(record['model'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }}
+th {{ background: #f0f0f0; }} td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; image-rendering: pixelated; }}
+</style></head><body>
+<h1>MCVD evaluation</h1>
+<ul>{"".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in details.items())}</ul>
+<h2>Results</h2>
+<p>Mean over clips ± 95% interval. Per clip: metrics averaged over the predicted frames, then over the
+k samples (mean-of-k) or the best sample (best-of-k). No post-processing of predictions.</p>
+{_markdown_table_to_html(table)}
+<h2>Per-frame metrics</h2>
+<img alt="per-frame metric curves" src="{_data_uri(curves, 'image/png')}">
+{gif_html}
+</body></html>
+"""
+    path.write_text(page)

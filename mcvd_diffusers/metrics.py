@@ -1,12 +1,149 @@
-"""Per-frame metrics on videos in [0, 1]."""
+"""Per-frame video metrics and their aggregation (the protocol of docs/DESIGN.md), on torchmetrics.
+
+Frames are (..., C, H, W) floats in [0, 1]; predictions are never post-processed.
+- MSE on [0, 1]; PSNR = 10 log10(1 / MSE) per frame, capped at ``PSNR_CAP`` dB (identical
+  frames would give infinity, which no average survives).
+- SSIM: Gaussian window 11x11, sigma 1.5, data range 1; "binarized SSIM" on frames
+  rounded to {0, 1} (MCVD's MNIST protocol).
+- LPIPS with AlexNet (MCVD) and VGG (the reproduction): grey replicated to 3 channels,
+  inputs in [-1, 1], at the frames' own size.
+Aggregation: mean over frames, then mean-of-k and best-of-k over a clip's k samples,
+then the mean over clips with a 95% interval (1.96 standard errors).
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
 import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+PSNR_CAP = 100.0  # dB; the PSNR of frames whose MSE is 1e-10 or less
+METRICS = ("mse", "psnr", "ssim", "ssim_binarized", "lpips_alex", "lpips_vgg")
+HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "ssim_binarized": True,
+                    "lpips_alex": False, "lpips_vgg": False}
+LPIPS_BACKBONES = {"lpips_alex": ("alex", "alexnet-owt-7be5be79.pth"), "lpips_vgg": ("vgg", "vgg16-397923af.pth")}
+
+
+def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    if prediction.ndim < 4:
+        raise ValueError(f"expected frames shaped (..., C, H, W), got {tuple(prediction.shape)}")
 
 
 def mse_per_frame(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, F, C, H, W) pairs -> (B, F) mean squared error of each frame."""
-    if prediction.shape != target.shape:
-        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
-    return (prediction.float() - target.float()).pow(2).flatten(2).mean(-1)
+    """(..., C, H, W) pairs -> (...) mean squared error of each frame."""
+    _check_pair(prediction, target)
+    return (prediction.float() - target.float()).pow(2).flatten(-3).mean(-1)
+
+
+def psnr_per_frame(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    _check_pair(prediction, target)
+    frames, lead = prediction.flatten(0, -4).float(), prediction.shape[:-3]
+    psnr = peak_signal_noise_ratio(frames, target.flatten(0, -4).float(), data_range=1.0, reduction="none",
+                                   dim=(1, 2, 3))
+    return psnr.clamp(max=PSNR_CAP).reshape(lead)
+
+
+def ssim_per_frame(prediction: torch.Tensor, target: torch.Tensor, binarize: bool = False) -> torch.Tensor:
+    _check_pair(prediction, target)
+    frames, goal, lead = prediction.flatten(0, -4).float(), target.flatten(0, -4).float(), prediction.shape[:-3]
+    if binarize:
+        frames, goal = binarize_frames(frames), binarize_frames(goal)
+    ssim = structural_similarity_index_measure(frames, goal, gaussian_kernel=True, sigma=1.5, kernel_size=11,
+                                               data_range=1.0, reduction="none")
+    return ssim.reshape(lead)
+
+
+def binarize_frames(frames: torch.Tensor) -> torch.Tensor:
+    """Rounds [0, 1] frames to {0, 1} (0.5 goes to 1)."""
+    return (frames >= 0.5).to(frames.dtype)
+
+
+def load_lpips(name: str, device: torch.device | str = "cpu") -> LearnedPerceptualImagePatchSimilarity:
+    """torchmetrics' LPIPS ("lpips_alex" or "lpips_vgg") with per-frame output. Its backbone comes from
+    torchvision's cache ($TORCH_HOME/hub/checkpoints), downloaded there when absent."""
+    if name not in LPIPS_BACKBONES:
+        raise ValueError(f"unknown LPIPS variant {name!r}; choose one of {sorted(LPIPS_BACKBONES)}")
+    net_type, weights = LPIPS_BACKBONES[name]
+    try:
+        metric = LearnedPerceptualImagePatchSimilarity(net_type=net_type, reduction="none", normalize=False)
+    except Exception as e:  # a download that fails raises URLError, OSError or RuntimeError depending on where
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise FileNotFoundError(
+            f"LPIPS ({net_type}) needs torchvision's ImageNet weights {weights} in {cache}, and they could not be "
+            f"loaded or downloaded ({type(e).__name__}: {e}). Put the file there, or set TORCH_HOME to a folder "
+            f"holding hub/checkpoints/{weights} (TORCH_HOME is {os.environ.get('TORCH_HOME', 'unset')})."
+        ) from e
+    return metric.to(device).eval()
+
+
+class FrameMetrics:
+    """Computes every metric of ``METRICS`` per frame; holds the LPIPS networks once loaded."""
+
+    def __init__(self, device: torch.device | str = "cpu", metrics: tuple[str, ...] = METRICS):
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+        self.metrics = tuple(metrics)
+        self.device = torch.device(device)
+        self.lpips = {name: load_lpips(name, self.device) for name in self.metrics if name in LPIPS_BACKBONES}
+
+    @torch.no_grad()
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, F, C, H, W) pairs in [0, 1] -> {metric: (B, F)} on the CPU."""
+        _check_pair(prediction, target)
+        prediction, target = prediction.to(self.device).float(), target.to(self.device).float()
+        values = {
+            "mse": lambda: mse_per_frame(prediction, target),
+            "psnr": lambda: psnr_per_frame(prediction, target),
+            "ssim": lambda: ssim_per_frame(prediction, target),
+            "ssim_binarized": lambda: ssim_per_frame(prediction, target, binarize=True),
+        }
+        out = {name: values[name]().cpu() for name in self.metrics if name in values}
+        for name, metric in self.lpips.items():
+            out[name] = self._lpips(metric, prediction, target).cpu()
+        return out
+
+    @staticmethod
+    def _lpips(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        lead = prediction.shape[:-3]
+        as_rgb = lambda x: (x.flatten(0, -4) * 2 - 1).expand(-1, 3, -1, -1)  # noqa: E731  grey -> 3 channels
+        if prediction.shape[-3] not in (1, 3):
+            raise ValueError(f"LPIPS needs 1- or 3-channel frames, got {prediction.shape[-3]}")
+        metric.reset()
+        metric.update(as_rgb(prediction), as_rgb(target))  # torchmetrics checks the [-1, 1] range
+        return metric.compute().reshape(lead)
+
+
+def mean_with_interval(values: torch.Tensor) -> dict[str, float]:
+    """Mean over clips and the half-width of its 95% interval (1.96 standard errors; 0 for one clip)."""
+    values = values.double()
+    n = values.numel()
+    half = 1.96 * values.std().item() / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": values.mean().item(), "ci95": half}
+
+
+def aggregate(per_frame: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{metric: (N clips, k samples, F frames)} -> per metric: mean-of-k and best-of-k over clips
+    (mean and 95% interval), the per-clip values of both, and the per-frame curves (mean over clips
+    and samples)."""
+    result = {}
+    for name, values in per_frame.items():
+        if values.ndim != 3:
+            raise ValueError(f"{name}: expected (clips, samples, frames), got {tuple(values.shape)}")
+        per_sample = values.double().mean(-1)  # mean over frames -> (N, k)
+        best = per_sample.max(-1).values if HIGHER_IS_BETTER[name] else per_sample.min(-1).values
+        mean_k = per_sample.mean(-1)
+        result[name] = {
+            "mean_of_k": mean_with_interval(mean_k),
+            "best_of_k": mean_with_interval(best),
+            "per_clip_mean_of_k": mean_k.tolist(),
+            "per_clip_best_of_k": best.tolist(),
+            "per_frame": values.double().mean((0, 1)).tolist(),
+        }
+    return result

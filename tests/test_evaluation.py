@@ -1,0 +1,165 @@
+import base64
+import csv
+import io
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from mcvd_diffusers import MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler
+from mcvd_diffusers import evaluation
+from mcvd_diffusers.evaluation import EvalConfig, evaluate
+from mcvd_diffusers.metrics import FrameMetrics
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained 64-px tiny model with the 5 -> 10 layout: fast, and enough to exercise the protocol."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model")
+    MCVDPipeline(unet=MCVDUNet2DModel.from_preset("tiny"), scheduler=make_noise_scheduler()).save_pretrained(folder)
+    return folder
+
+
+def config(model_dir, out, **overrides):
+    values = dict(model=str(model_dir), out=str(out), samplers=["ddim:2", "dpm++:2"], num_clips=3,
+                  samples_per_clip=2, mnist_root="bundled", batch_size=4, gif_clips=2)
+    return EvalConfig(**{**values, **overrides})
+
+
+class _Report(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cells, self.images, self._in_cell = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        self._in_cell = tag in ("td", "th")
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data)
+
+
+@pytest.fixture(scope="module")
+def evaluated(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    return evaluate(config(model_dir, out)), out
+
+
+def test_every_output_is_written(evaluated):
+    record, out = evaluated
+    assert {p.name for p in out.iterdir()} >= {"metrics.json", "summary.md", "per_clip.csv", "curves.png",
+                                                "predictions.gif", "report.html", "cache"}
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["rows"]) == {"ground truth", "copy last frame", "ddim:2", "dpm++:2"}
+    for key in ("model", "model_config", "eval_config", "data_source", "device", "versions", "git_commit"):
+        assert key in saved
+    assert "bundled" in saved["data_source"] and saved["versions"]["torch"]
+    ddim = saved["rows"]["ddim:2"]
+    assert ddim["scheduler"] == "DDIMScheduler" and ddim["scheduler_config"]["timestep_spacing"] == "trailing"
+    assert ddim["timing"]["seconds_per_video_batch1"] > 0 and ddim["timing"]["seconds_per_video_amortized"] > 0
+    assert len(ddim["metrics"]["ssim"]["per_frame"]) == 10
+
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| ddim:2 |") == 2 and "best-of-k" in summary and "| copy last frame |" in summary
+    with open(out / "per_clip.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 3 and float(rows[0]["ssim_mean_of_k"]) == pytest.approx(1.0)  # ground truth first
+    assert PIL.Image.open(out / "curves.png").size[0] > 800
+    with PIL.Image.open(out / "predictions.gif") as gif:
+        assert gif.n_frames == 15  # 5 past + 10 predicted
+
+
+def test_report_is_self_contained_with_table_curves_and_gif(evaluated):
+    _, out = evaluated
+    report = _Report()
+    report.feed((out / "report.html").read_text())
+    assert {"ground truth", "copy last frame", "ddim:2", "dpm++:2"} <= set(report.cells)
+    assert "LPIPS-vgg" in report.cells
+    kinds = {}
+    for src in report.images:
+        header, _, payload = src.partition(";base64,")
+        kinds[header] = PIL.Image.open(io.BytesIO(base64.b64decode(payload))).format
+    assert kinds == {"data:image/png": "PNG", "data:image/gif": "GIF"}
+
+
+def test_baseline_rows_are_what_they_claim(evaluated, model_dir):
+    record, _ = evaluated
+    truth = record["rows"]["ground truth"]["metrics"]
+    assert truth["ssim"]["mean_of_k"]["mean"] == pytest.approx(1.0) and truth["lpips_vgg"]["mean_of_k"]["mean"] < 1e-6
+    clips, _ = evaluation.load_test_clips(config(model_dir, "unused"))
+    video = clips[:, :, None].float() / 255
+    copy_mse = (video[:, 4:5] - video[:, 5:15]).pow(2).mean().item()
+    assert record["rows"]["copy last frame"]["metrics"]["mse"]["mean_of_k"]["mean"] == pytest.approx(copy_mse)
+
+
+def test_rerun_reuses_finished_samplers(evaluated, model_dir, monkeypatch):
+    record, out = evaluated
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cached sampler was sampled again")
+
+    monkeypatch.setattr(evaluation, "run_sampler", no_sampling)
+    again = evaluate(config(model_dir, out))
+    assert again["rows"]["ddim:2"]["metrics"] == record["rows"]["ddim:2"]["metrics"]
+    with pytest.raises(AssertionError, match="sampled again"):
+        evaluate(config(model_dir, out, seed=1))  # another seed is another result
+
+
+def test_results_do_not_depend_on_the_batch_size(evaluated, model_dir, tmp_path):
+    record, _ = evaluated
+    one_by_one = evaluate(config(model_dir, tmp_path, samplers=["ddim:2"], batch_size=1, timing=False))
+    np.testing.assert_allclose(one_by_one["rows"]["ddim:2"]["metrics"]["mse"]["per_clip_mean_of_k"],
+                               record["rows"]["ddim:2"]["metrics"]["mse"]["per_clip_mean_of_k"], rtol=1e-4)
+
+
+def test_official_test_file(model_dir, tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, size=(20, 1002, 64, 64), dtype=np.uint8)
+    np.save(tmp_path / "mnist_test_seq.npy", array)
+    record = evaluate(config(model_dir, tmp_path / "out", test_set="official", num_clips=2, samples_per_clip=1,
+                             samplers=["ddim:1"], test_file=str(tmp_path / "mnist_test_seq.npy"), timing=False))
+    assert "mnist_test_seq.npy" in record["data_source"]
+    copy_mse = record["rows"]["copy last frame"]["metrics"]["mse"]["per_clip_mean_of_k"]
+    video = torch.from_numpy(array[:, 2:4].transpose(1, 0, 2, 3)).float() / 255  # clips 2 and 3 of 1002
+    expected = (video[:, 4:5] - video[:, 5:15]).pow(2).mean((1, 2, 3))
+    np.testing.assert_allclose(copy_mse, expected.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(samplers=["euler:20"]), ValueError, "unknown sampler 'euler'"),
+        (dict(samplers=["ddim:0"]), ValueError, "needs a step count >= 1"),
+        (dict(samplers=["ddim"]), ValueError, "needs a step count"),
+        (dict(num_clips=5000), ValueError, "num_clips=5000 but the generated test set holds 1000 clips"),
+        (dict(samples_per_clip=0), ValueError, "samples_per_clip must be >= 1"),
+        (dict(num_frames=16), ValueError, "do not fit"),
+        (dict(model="missing/model/folder"), FileNotFoundError, "not a folder holding a saved MCVDPipeline"),
+        (dict(test_set="official"), ValueError, "needs test_file"),
+    ],
+)
+def test_bad_input_fails_before_any_sampling(model_dir, tmp_path, monkeypatch, overrides, error, message):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(evaluation, "run_sampler", no_sampling)
+    with pytest.raises(error, match=message):
+        evaluate(config(model_dir, tmp_path, **overrides))
+
+
+def test_corrupt_model_and_bad_test_file_fail_before_any_sampling(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "run_sampler", lambda *a, **k: pytest.fail("sampling started"))
+    broken = tmp_path / "broken"
+    MCVDPipeline.from_pretrained(model_dir).save_pretrained(broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        evaluate(config(broken, tmp_path / "a"))
+    np.save(tmp_path / "bad.npy", np.zeros((1001, 20, 64, 64), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"\(20, N, 64, 64\)"):
+        evaluate(config(model_dir, tmp_path / "b", test_set="official", test_file=str(tmp_path / "bad.npy")))
