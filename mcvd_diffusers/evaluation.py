@@ -14,10 +14,8 @@ import csv
 import dataclasses
 import hashlib
 import html
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 from .data.moving_mnist import clips_to_video, load_mnist_test_seq, load_test_set
 from .metrics import METRICS, FrameMetrics, aggregate
 from .pipeline_mcvd import MCVDPipeline
+from .runtime import autocast, check_precision, device_name, maybe_compile, synchronize, versions
 from .schedulers import SAMPLERS, make_sampler
 
 TEST_SETS = ("generated", "official")
@@ -57,6 +56,8 @@ class EvalConfig:
     device: str | None = None
     gif_clips: int = 4
     timing: bool = True  # also time batch-1 latency
+    precision: str = "fp32"  # the UNet's forward under autocast: "fp32", "bf16", "fp16"
+    compile: bool = False  # torch.compile the UNet (falls back to eager with a warning)
 
 
 def parse_sampler(spec: str) -> tuple[str, int]:
@@ -109,18 +110,14 @@ def _video_generators(device, seed: int, clip_index: torch.Tensor, sample_index:
             for c, s in zip(clip_index, sample_index)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_batch1(pipe, past, steps, num_frames, device) -> float:
+def _time_batch1(pipe, past, steps, num_frames, device, precision) -> float:
     """Seconds for one video at batch 1, after a short warm-up, synchronized."""
-    pipe(past[:1], num_frames=num_frames, num_inference_steps=min(steps, 2), generator=torch.Generator(device))
-    _sync(device)
-    start = time.perf_counter()
-    pipe(past[:1], num_frames=num_frames, num_inference_steps=steps, generator=torch.Generator(device))
-    _sync(device)
+    with autocast(precision, device):
+        pipe(past[:1], num_frames=num_frames, num_inference_steps=min(steps, 2), generator=torch.Generator(device))
+        synchronize(device)
+        start = time.perf_counter()
+        pipe(past[:1], num_frames=num_frames, num_inference_steps=steps, generator=torch.Generator(device))
+        synchronize(device)
     return time.perf_counter() - start
 
 
@@ -136,18 +133,20 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
     shown = min(k, GIF_SAMPLES)
     gif = torch.zeros(min(config.gif_clips, n), shown, *future.shape[1:], dtype=torch.uint8)
     # Warm-up at the batch size, so that the amortized time excludes one-off costs.
-    pipe(past[:1].expand(min(config.batch_size, n * k), *past.shape[1:]), num_frames=config.num_frames,
-         num_inference_steps=min(steps, 2))
-    _sync(device)
+    with autocast(config.precision, device):
+        pipe(past[:1].expand(min(config.batch_size, n * k), *past.shape[1:]), num_frames=config.num_frames,
+             num_inference_steps=min(steps, 2))
+    synchronize(device)
     sampling_seconds = 0.0
     for start in range(0, n * k, config.batch_size):
         idx = slice(start, start + config.batch_size)
         clips, samples = clip_index[idx], sample_index[idx]
         generators = _video_generators(device, config.seed, clips, samples)
         begin = time.perf_counter()
-        frames = pipe(past[clips], num_frames=config.num_frames, num_inference_steps=steps,
-                      generator=generators).frames
-        _sync(device)
+        with autocast(config.precision, device):  # the UNet only: metrics below run in fp32
+            frames = pipe(past[clips], num_frames=config.num_frames, num_inference_steps=steps,
+                          generator=generators).frames
+        synchronize(device)
         sampling_seconds += time.perf_counter() - begin
         for name, values in frame_metrics(frames, future[clips]).items():
             per_frame[name][idx] = values
@@ -157,7 +156,8 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
         progress.update(len(clips))
     timing = {"seconds_per_video_amortized": sampling_seconds / (n * k), "batch_size": config.batch_size}
     if config.timing:
-        timing["seconds_per_video_batch1"] = _time_batch1(pipe, past, steps, config.num_frames, device)
+        timing["seconds_per_video_batch1"] = _time_batch1(pipe, past, steps, config.num_frames, device,
+                                                          config.precision)
     return {"per_frame": {name: v.view(n, k, -1) for name, v in per_frame.items()}, "gif": gif, "timing": timing}
 
 
@@ -166,7 +166,7 @@ def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_
     for tensor in pipe.unet.state_dict().values():
         weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("samplers", "out", "device",
-                                                                                "batch_size", "timing")}
+                                                                                "batch_size", "timing", "compile")}
     key = {"weights": weights.hexdigest(), "config": fields, "test_set": {k: v for k, v in test_info.items()
                                                                           if k != "path"},
            "sampler": sampler_config, "steps": steps, "metrics": list(METRICS)}
@@ -195,17 +195,6 @@ def _load_cache(path: Path, key: str) -> dict | None:
         return None  # unreadable: recompute
 
 
-def _versions() -> dict:
-    packages = ("torch", "diffusers", "accelerate", "torchmetrics", "datasets", "mcvd-diffusers")
-    found = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -214,15 +203,11 @@ def _git_commit() -> str | None:
         return None
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def evaluate(config: EvalConfig) -> dict:
     """Runs the protocol and writes every output into ``config.out``; returns what metrics.json holds."""
     samplers = _validate(config)  # names and numbers first, then files: all before any sampling
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_precision(config.precision, device)
     pipe = MCVDPipeline.from_pretrained(config.model)
     clips, test_info = load_test_clips(config)
     unet_cfg = pipe.unet.config
@@ -233,12 +218,14 @@ def evaluate(config: EvalConfig) -> dict:
     if tuple(clips.shape[2:]) != pipe.unet.frame_shape[1:] or pipe.unet.frame_shape[0] != 1:
         raise ValueError(f"the test frames are 1x{clips.shape[2]}x{clips.shape[3]}, the model expects "
                          f"{'x'.join(map(str, pipe.unet.frame_shape))}")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     frame_metrics = FrameMetrics(device)
     video = clips_to_video(clips)
     past, future = video[:, :num_past], video[:, num_past : num_past + config.num_frames]
+    if config.compile:
+        with autocast(config.precision, device):
+            maybe_compile(pipe.unet, lambda: pipe(past[:1], num_frames=config.num_frames, num_inference_steps=1))
     out = Path(config.out)
     (out / "cache").mkdir(parents=True, exist_ok=True)
 
@@ -276,7 +263,7 @@ def evaluate(config: EvalConfig) -> dict:
         "test_set": test_info,
         "data_source": test_info["data_source"],
         "device": device_name(device),
-        "versions": _versions(),
+        "versions": versions(),
         "git_commit": _git_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "rows": rows,

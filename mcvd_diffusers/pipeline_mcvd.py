@@ -83,13 +83,19 @@ class MCVDPipeline(DiffusionPipeline):
         if not os.path.isdir(path):
             if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
                 raise FileNotFoundError(f"{path} is not a folder holding a saved MCVDPipeline")
-            path = snapshot_download(
-                repo_id=path,
-                revision=kwargs.pop("revision", None),
-                token=kwargs.pop("token", None),
-                cache_dir=kwargs.get("cache_dir"),
-                local_files_only=kwargs.pop("local_files_only", False),
-            )
+            try:
+                path = snapshot_download(
+                    repo_id=path,
+                    revision=kwargs.pop("revision", None),
+                    token=kwargs.pop("token", None),
+                    cache_dir=kwargs.get("cache_dir"),
+                    local_files_only=kwargs.pop("local_files_only", False),
+                )
+            except Exception as e:  # offline, unknown repo, bad id: huggingface_hub raises several kinds
+                raise FileNotFoundError(
+                    f"{path} is neither a local folder nor a Hub repo that could be downloaded "
+                    f"({type(e).__name__}: {e})"
+                ) from e
         check_pipeline_folder(path)
         kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(path, **kwargs)

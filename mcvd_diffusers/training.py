@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -31,6 +31,7 @@ from .data.moving_mnist import MOTIONS, MovingMNIST
 from .masking import draw_keep_mask
 from .models.unet_mcvd import PRESETS, MCVDUNet2DModel
 from .pipeline_mcvd import MCVDPipeline
+from .runtime import check_precision, maybe_compile, to_channels_last
 from .schedulers import BETA_SCHEDULES, PREDICTION_TYPES, make_noise_scheduler
 
 
@@ -63,7 +64,11 @@ class TrainConfig:
     warmup_steps: int = 500
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # the ceiling; EMA warms up towards it (diffusers EMAModel, power 2/3)
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (Accelerate)
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (Accelerate; fp16 with loss scaling, CUDA only)
+    # fast paths (mcvd_diffusers/runtime.py), off by default
+    channels_last: bool = False  # NHWC convolutions
+    compile: bool = False  # torch.compile the UNet; falls back to eager with a warning where unsupported
+    fused_adamw: bool = False  # one fused AdamW kernel instead of a loop over parameters
     seed: int = 0
     # output
     output_dir: str = "runs/mcvd"
@@ -186,10 +191,12 @@ def _prepare_output_dir(config: TrainConfig) -> Path:
 def train(config: TrainConfig) -> Path:
     """Trains a model and returns the folder of the exported pipeline (EMA weights)."""
     config.validate()
+    # Refuse a precision the device cannot run before Accelerate fixes its process-wide state.
+    check_precision({"no": "fp32"}.get(config.mixed_precision, config.mixed_precision), PartialState().device)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    device = accelerator.device
     out = _prepare_output_dir(config) if accelerator.is_main_process else Path(config.output_dir)
     set_seed(config.seed)
-    device = accelerator.device
 
     unet = build_unet(config)
     scheduler = make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps)
@@ -201,10 +208,24 @@ def train(config: TrainConfig) -> Path:
 
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3,
                    model_cls=MCVDUNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    if config.channels_last:
+        to_channels_last(unet)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0,
+                                  fused=config.fused_adamw or None)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema.to(device)
+    if config.compile:
+        # Compile now, on a throw-away batch of the training shape (its own RNG), so that an
+        # unsupported setup falls back to eager before training starts.
+        probe = torch.Generator(device).manual_seed(-1 & 0xFFFF)
+
+        def probe_step():
+            with accelerator.autocast():
+                accelerator.backward(diffusion_loss(unet, scheduler, data.sample(config.batch_size, probe), probe))
+            optimizer.zero_grad(set_to_none=True)
+
+        maybe_compile(accelerator.unwrap_model(unet), probe_step)
     # Each process draws its own clips and noise.
     generator = torch.Generator(device).manual_seed(config.seed * 1000 + accelerator.process_index)
 

@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     load_mnist("train", root=args.mnist_dir)  # validates the folder first
     out = bundled_mnist_dir()
-    for (split, kind), stem in IDX_FILES.items():
+    for (split, _kind), stem in IDX_FILES.items():
         path = Path(args.mnist_dir) / (stem + ".gz")
         array = read_idx(path if path.exists() else Path(args.mnist_dir) / stem)
         write_idx_gz(out / (stem + ".gz"), array[: args.train if split == "train" else args.test])

@@ -21,6 +21,16 @@ def _isolated_environment(tmp_path_factory):
     os.environ["TORCH_HOME"] = str(SHARED_DATA / "torch")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one process-wide state (its mixed precision among it); tests that train with
+    different settings in one process need it cleared, as Accelerate's own tests do."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     folder = SHARED_DATA / "mnist"

@@ -12,7 +12,6 @@ import torch
 from mcvd_diffusers import MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers import evaluation
 from mcvd_diffusers.evaluation import EvalConfig, evaluate
-from mcvd_diffusers.metrics import FrameMetrics
 
 
 @pytest.fixture(scope="module")

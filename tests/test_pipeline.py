@@ -165,6 +165,15 @@ def test_hub_repo_id_downloads_a_snapshot_then_loads_it(tiny_pipe, tmp_path, mon
     assert loaded.unet.config.num_past_frames == 2
 
 
+def test_unreachable_hub_repo_or_mistyped_folder(tmp_path, monkeypatch):
+    def offline(**kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(pipeline_mcvd, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="runs/pipelin is neither a local folder nor a Hub repo.*offline"):
+        MCVDPipeline.from_pretrained("runs/pipelin")
+
+
 def test_missing_or_corrupt_files_give_clear_errors(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "ok")
     with pytest.raises(FileNotFoundError, match="not a folder holding a saved MCVDPipeline"):

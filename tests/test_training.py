@@ -52,3 +52,13 @@ def test_short_run_exports_a_loadable_pipeline(tmp_path):
     assert pipe(batch_size=1, num_inference_steps=2).frames.shape == (1, 3, 1, 32, 32)  # unconditional works
     with pytest.raises(ValueError, match="already holds files"):
         train(config)  # never overwrites a run unless asked
+
+
+def test_training_with_the_cpu_fast_paths_on(tmp_path):
+    config = TrainConfig.from_dict(dict(preset="tiny", mnist_root="bundled", image_size=32, num_past_frames=2,
+                                        num_current_frames=3, batch_size=2, max_steps=2, warmup_steps=1,
+                                        mixed_precision="bf16", channels_last=True, fused_adamw=True,
+                                        output_dir=str(tmp_path / "run")))
+    pipe = MCVDPipeline.from_pretrained(train(config))
+    assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["config"]["mixed_precision"] == "bf16"

@@ -1,0 +1,86 @@
+"""Helpers shared by the benchmark scripts: timing with synchronization, the device's matmul rate,
+tables and JSON. Run the scripts from the repository root: python benchmarks/bench_*.py"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+from mcvd_diffusers.data.mnist import load_mnist
+from mcvd_diffusers.runtime import device_name, synchronize, versions
+
+
+def pick_device(name: str | None) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available")
+    return device
+
+
+def median_seconds(fn, device, repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, synchronized."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_tflops(device: torch.device, dtype=torch.bfloat16, size: int | None = None, repeats: int = 5) -> float:
+    """The device's dense matmul rate, measured now with a large square matmul (TFLOP/s)."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, device, repeats, warmup=2)
+    return 2 * size**3 / seconds / 1e12
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated since the last reset; on CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def digits_on(device: torch.device) -> torch.Tensor:
+    """Digits for generated clips: the bundled MNIST sample (speed does not depend on which digits)."""
+    return load_mnist("train", root="bundled").images.to(device)
+
+
+def environment(device: torch.device) -> dict:
+    return {"device": device_name(device), "versions": versions()}
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """Prints rows as an aligned table; ``columns`` are (key, title)."""
+    cells = [[title for _, title in columns]] + [[_fmt(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
