@@ -82,6 +82,8 @@ def _validate(config: EvalConfig) -> list[tuple[str, int]]:
     for name in ("num_clips", "samples_per_clip", "num_frames", "batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {config.seed}")
     if config.gif_clips < 0:
         raise ValueError(f"gif_clips must be >= 0, got {config.gif_clips}")
     if config.test_set not in TEST_SETS:
@@ -105,8 +107,9 @@ def load_test_clips(config: EvalConfig) -> tuple[torch.Tensor, dict]:
 
 
 def _video_generators(device, seed: int, clip_index: torch.Tensor, sample_index: torch.Tensor):
-    # One generator per (clip, sample): the same video whatever the batch size or order.
-    return [torch.Generator(device).manual_seed(seed * 1_000_003 + 1000 * int(c) + int(s))
+    # One generator per (clip, sample): the same video whatever the batch size or order. Separate bit
+    # fields keep the seeds distinct for up to 2**20 clips and 2**20 samples per clip.
+    return [torch.Generator(device).manual_seed((seed << 40) + (int(c) << 20) + int(s))
             for c, s in zip(clip_index, sample_index)]
 
 

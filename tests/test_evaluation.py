@@ -137,6 +137,7 @@ def test_official_test_file(model_dir, tmp_path):
         (dict(samplers=["ddim"]), ValueError, "needs a step count"),
         (dict(num_clips=5000), ValueError, "num_clips=5000 but the generated test set holds 1000 clips"),
         (dict(samples_per_clip=0), ValueError, "samples_per_clip must be >= 1"),
+        (dict(seed=-1), ValueError, "seed must be >= 0"),
         (dict(num_frames=16), ValueError, "do not fit"),
         (dict(model="missing/model/folder"), FileNotFoundError, "not a folder holding a saved MCVDPipeline"),
         (dict(test_set="official"), ValueError, "needs test_file"),
