@@ -24,7 +24,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(BIN)/python train_mcvd.py --config configs/tiny.yaml --output_dir $(DEMO_DIR) --overwrite true
 	$(BIN)/python eval_mcvd.py --model $(DEMO_DIR)/pipeline --samplers ddpm:1000 ddim:50 dpm++:20 \
-		--num-clips 4 --samples-per-clip 2 --batch-size 8 --mnist-root bundled --out $(DEMO_DIR)/eval
+		--num-clips 4 --samples-per-clip 2 --batch-size 8 --mnist-root bundled --out $(DEMO_DIR)/eval --update-model-card
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -35,12 +35,15 @@ def main(argv=None) -> None:
     parser.add_argument("--no-timing", action="store_true", help="skip the batch-1 latency measurement")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16: autocast for the UNet")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (eager if unsupported)")
+    parser.add_argument("--update-model-card", action="store_true",
+                        help="write the summary table into --model's README.md (a folder exported by train_mcvd.py)")
     args = parser.parse_args(argv)
     config = EvalConfig(model=args.model, out=args.out, samplers=args.samplers, num_clips=args.num_clips,
                         samples_per_clip=args.samples_per_clip, num_frames=args.num_frames, test_set=args.test_set,
                         test_file=args.test_file, mnist_root=args.mnist_root, batch_size=args.batch_size,
                         seed=args.seed, device=args.device, gif_clips=args.gif_clips, timing=not args.no_timing,
-                        precision=args.precision, compile=args.compile)
+                        precision=args.precision, compile=args.compile,
+                        update_model_card=args.update_model_card)
     try:
         record = evaluate(config)
     except (ValueError, FileNotFoundError) as e:

@@ -3,28 +3,53 @@
 usage:
   python train_mcvd.py --config configs/tiny.yaml [--key value ...]
   accelerate launch train_mcvd.py --config configs/paper.yaml [--key value ...]
+  python train_mcvd.py --config configs/tiny.yaml --resume_from_checkpoint latest
+  python train_mcvd.py --export runs/tiny/checkpoints/checkpoint-400 --to runs/tiny/export-400
+  python train_mcvd.py --push runs/tiny/pipeline --hub_model_id USER/NAME [--hub_private]
 
-Every key of mcvd_diffusers.training.TrainConfig can be set in the config file or
-overridden on the command line (--max_steps 500, --mnist_root bundled, ...).
+Every key of mcvd_diffusers.training.TrainConfig (documented there and in configs/*.yaml)
+can be set in the config file or overridden on the command line (--max_steps 500,
+--mnist_root bundled, --push_to_hub --hub_model_id USER/NAME, ...).
 """
 
 import argparse
 import sys
 
-from mcvd_diffusers.training import TrainConfig, load_config_file, parse_overrides, train
+from mcvd_diffusers.hub import push_to_hub
+from mcvd_diffusers.training import TrainConfig, export_checkpoint, load_config_file, parse_overrides, train
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig keys")
+    parser.add_argument("--export", metavar="CHECKPOINT", help="export a checkpoint's EMA weights as a pipeline")
+    parser.add_argument("--to", metavar="FOLDER", help="where --export writes the pipeline")
+    parser.add_argument("--push", metavar="FOLDER", help="upload an exported pipeline folder to --hub_model_id")
     args, overrides = parser.parse_known_args(argv)
     try:
+        if args.export or args.push:
+            options = parse_overrides(overrides)
+            if args.export:
+                if not args.to:
+                    parser.error("--export needs --to FOLDER")
+                folder = export_checkpoint(args.export, args.to)
+                print(f"exported {args.export} to {folder}")
+            if args.push or options.get("push_to_hub", "false").lower() == "true":
+                if not options.get("hub_model_id"):
+                    parser.error("uploading needs --hub_model_id USER/NAME")
+                folder = args.push or args.to
+                print(push_to_hub(folder, options["hub_model_id"],
+                                  private=options.get("hub_private", "false").lower() == "true"))
+            return
         values = load_config_file(args.config) if args.config else {}
         values.update(parse_overrides(overrides))
         config = TrainConfig.from_dict(values)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    train(config)
+    try:
+        train(config)
+    except (ValueError, FileNotFoundError) as e:  # bad data, an incompatible resume, a run in the way
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ from diffusers.utils import export_to_gif
 from tqdm.auto import tqdm
 
 from .data.moving_mnist import clips_to_video, load_mnist_test_seq, load_test_set
+from .hub import read_training_info, write_model_card
 from .metrics import METRICS, FrameMetrics, aggregate
 from .pipeline_mcvd import MCVDPipeline
 from .runtime import autocast, check_precision, device_name, maybe_compile, synchronize, versions
-from .schedulers import SAMPLERS, make_sampler
+from .schedulers import make_sampler, parse_sampler
 
 TEST_SETS = ("generated", "official")
 COPY_LAST, GROUND_TRUTH = "copy last frame", "ground truth"
@@ -58,16 +59,7 @@ class EvalConfig:
     timing: bool = True  # also time batch-1 latency
     precision: str = "fp32"  # the UNet's forward under autocast: "fp32", "bf16", "fp16"
     compile: bool = False  # torch.compile the UNet (falls back to eager with a warning)
-
-
-def parse_sampler(spec: str) -> tuple[str, int]:
-    """ "ddim:50" -> ("ddim", 50)."""
-    name, sep, steps = spec.partition(":")
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} in {spec!r}; choose one of {sorted(SAMPLERS)} as NAME:STEPS")
-    if not sep or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"sampler {spec!r} needs a step count >= 1, as {name}:50")
-    return name, int(steps)
+    update_model_card: bool = False  # write the summary table into the model folder's README.md
 
 
 def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -90,6 +82,8 @@ def _validate(config: EvalConfig) -> list[tuple[str, int]]:
         raise ValueError(f"test_set must be one of {TEST_SETS}, got {config.test_set!r}")
     if config.test_set == "official" and not config.test_file:
         raise ValueError("test_set='official' needs test_file=<path of mnist_test_seq.npy>")
+    if config.update_model_card:
+        read_training_info(config.model)  # a local folder exported by train_mcvd.py, before any sampling
     return samplers
 
 
@@ -272,7 +266,19 @@ def evaluate(config: EvalConfig) -> dict:
         "rows": rows,
     }
     write_outputs(out, record, past[: config.gif_clips], future[: config.gif_clips], gifs)
+    if config.update_model_card:
+        update_model_card(Path(config.model), record)
     return record
+
+
+def update_model_card(folder: Path, record: dict) -> Path:
+    """Adds this evaluation's table to the model card of a pipeline exported by our training."""
+    info = read_training_info(folder)
+    info["evaluation"] = {"command": record["command"], "num_clips": record["eval_config"]["num_clips"],
+                          "samples_per_clip": record["eval_config"]["samples_per_clip"],
+                          "data_source": record["data_source"], "device": record["device"],
+                          "table": summary_table(record)}
+    return write_model_card(folder, info)
 
 
 # ---------------------------------------------------------------------------------- outputs

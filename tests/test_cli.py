@@ -21,13 +21,19 @@ def test_train_then_evaluate_writes_a_gif_and_metrics(tmp_path):
     assert "data: bundled MNIST sample" in trained.stdout
     evaluated = run("eval_mcvd.py", "--model", str(run_dir / "pipeline"), "--samplers", "ddpm:3", "ddim:2",
                     "--num-clips", "2", "--samples-per-clip", "2", "--mnist-root", "bundled",
-                    "--out", str(tmp_path / "eval"))
+                    "--out", str(tmp_path / "eval"), "--update-model-card")
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"report: {tmp_path / 'eval'}/report.html" in evaluated.stdout
     assert "| ddim:2 | 2 |" in evaluated.stdout  # the summary table is printed
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["rows"]) == {"ground truth", "copy last frame", "ddpm:3", "ddim:2"}
     assert "bundled" in metrics["data_source"]
+    card = (run_dir / "pipeline" / "README.md").read_text()
+    assert "| ddim:2 | 2 |" in card and "Not evaluated yet" not in card  # the card now shows the table
+    exported = run("train_mcvd.py", "--export", str(run_dir / "checkpoints" / "checkpoint-2"), "--to",
+                   str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -36,6 +42,8 @@ def test_train_then_evaluate_writes_a_gif_and_metrics(tmp_path):
         (["train_mcvd.py", "--config", "configs/tiny.yaml", "--learning_rat", "1e-3"], "unknown config keys"),
         (["train_mcvd.py", "--config", "configs/missing.yaml"], "not found"),
         (["eval_mcvd.py", "--model", "nowhere/at/all", "--out", "x"], "not a folder holding a saved MCVDPipeline"),
+        (["train_mcvd.py", "--export", "runs/none/checkpoint-1", "--to", "x"], "not a training checkpoint"),
+        (["train_mcvd.py", "--push", "runs/none/pipeline"], "uploading needs --hub_model_id"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message):

@@ -1,13 +1,66 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file
 
-from mcvd_diffusers import MCVDPipeline
+from mcvd_diffusers import MCVDPipeline, make_noise_scheduler
+from mcvd_diffusers.checkpointing import list_checkpoints
+from mcvd_diffusers.data.moving_mnist import MovingMNIST
+from mcvd_diffusers.lr_schedules import make_lr_schedule
 from mcvd_diffusers.masking import draw_keep_mask
-from mcvd_diffusers.training import TrainConfig, parse_overrides, train
+from mcvd_diffusers.training import (TrainConfig, ValidationSet, export_checkpoint, min_snr_weights, parse_overrides,
+                                     train)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
+def small_config(out, **overrides) -> TrainConfig:
+    """A 32-px tiny run of a few steps that validates and checkpoints every 2 steps."""
+    values = dict(preset="tiny", mnist_root="bundled", image_size=32, num_past_frames=2, num_current_frames=3,
+                  batch_size=2, max_steps=6, learning_rate=1e-3, warmup_steps=1, validate_every=2, val_clips=8,
+                  val_batch_size=4, sample_every=0, checkpoint_every=2, checkpoints_total_limit=None, log_every=1,
+                  report_to="none", output_dir=str(out))
+    # a plateau rule that cuts the LR at most validations, so that its state matters on resume
+    values.update(plateau_patience=0, plateau_threshold=0.5, plateau_factor=0.5)
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def run_weights(out: Path) -> dict[str, torch.Tensor]:
+    final = list_checkpoints(out / "checkpoints")[-1]
+    weights = {f"model.{k}": v for k, v in load_file(final / "model.safetensors").items()}
+    weights.update({f"ema.{k}": v for k, v in load_file(final / "ema.safetensors").items()})
+    weights.update({f"export.{k}": v for k, v in
+                    load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").items()})
+    return weights
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = run_weights(a), run_weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed run ended with different weights"
+    sa, sb = (json.loads((p / "train_summary.json").read_text()) for p in (a, b))
+    assert sa["validations"] == sb["validations"] and sa["weights_step"] == sb["weights_step"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(small_config(out))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------- config
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match=r"unknown config keys \['lr'\]; valid keys: .*learning_rate"):
         TrainConfig.from_dict({"lr": 1e-4})
@@ -18,6 +71,16 @@ def test_config_rejects_unknown_keys_and_bad_values():
         ({"max_steps": "many"}, "'max_steps' expects"),
         ({"batch_size": 1.5}, "'batch_size' expects"),
         ({"prediction_type": "eps"}, "prediction_type must be one of"),
+        ({"preset": "paper", "image_size": 36}, "image_size must be >= 28 and a multiple of 8"),
+        ({"num_past_frames": 0, "prob_mask_past": 0.5}, "prob_mask_past > 0 needs num_past_frames > 0"),
+        ({"prob_mask_future": 0.5}, "prob_mask_future > 0 needs num_future_frames > 0"),
+        ({"lr_scheduler": "plateau"}, "lr_scheduler must be one of"),
+        ({"validate_every": 0}, "warmup_plateau needs validate_every > 0"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1"),
+        ({"sample_sampler": "ddim"}, "sample_sampler must be NAME:STEPS"),
+        ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
+        ({"min_snr_gamma": 0.0}, "min_snr_gamma must be > 0"),
+        ({"checkpoints_total_limit": 0}, "checkpoints_total_limit must be >= 1"),
     ]:
         with pytest.raises(ValueError, match=message):
             TrainConfig.from_dict(bad)
@@ -25,40 +88,279 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 def test_command_line_overrides_are_typed():
     config = TrainConfig.from_dict(parse_overrides(
-        ["--max_steps", "7", "--learning_rate=1e-3", "--mnist_root", "none", "--overwrite", "true"]))
-    assert (config.max_steps, config.learning_rate, config.mnist_root, config.overwrite) == (7, 1e-3, None, True)
-    with pytest.raises(ValueError, match="needs a value"):
-        parse_overrides(["--max_steps"])
+        ["--max_steps", "7", "--learning_rate=1e-3", "--mnist_root", "none", "--push_to_hub", "--hub_model_id", "u/m",
+         "--min_snr_gamma", "5"]))
+    assert (config.max_steps, config.learning_rate, config.mnist_root) == (7, 1e-3, None)
+    assert (config.push_to_hub, config.hub_model_id, config.min_snr_gamma) == (True, "u/m", 5.0)
+    with pytest.raises(ValueError, match="expected --key value"):
+        parse_overrides(["max_steps", "7"])
 
 
+def test_shipped_configs_are_valid():
+    from mcvd_diffusers.training import load_config_file
+
+    configs = {name: TrainConfig.from_dict(load_config_file(REPO / "configs" / f"{name}.yaml"))
+               for name in ("tiny", "paper", "fast")}
+    assert configs["paper"].preset == "paper" and configs["paper"].batch_size == 64
+    assert configs["fast"].preset == "fast" and configs["tiny"].mnist_root == "bundled"
+
+
+# ----------------------------------------------------------------------------- loss pieces
 def test_mask_probability_is_respected():
     keep = draw_keep_mask(20000, 0.3, torch.Generator().manual_seed(0))
     assert abs((~keep).float().mean().item() - 0.3) < 0.015
     assert draw_keep_mask(8, 0.0) is None
 
 
-def test_short_run_exports_a_loadable_pipeline(tmp_path):
-    out = tmp_path / "run"
-    config = TrainConfig.from_dict(dict(preset="tiny", mnist_root="bundled", image_size=32, num_past_frames=2,
-                                        num_current_frames=3, prob_mask_past=0.5, batch_size=2, max_steps=3,
-                                        warmup_steps=1, output_dir=str(out), log_every=1))
-    pipeline_dir = train(config)
+def test_min_snr_weights_by_hand():
+    for prediction_type, expected in [("epsilon", lambda snr: min(snr, 5) / snr),
+                                      ("v_prediction", lambda snr: min(snr, 5) / (snr + 1)),
+                                      ("sample", lambda snr: min(snr, 5))]:
+        scheduler = make_noise_scheduler("linear", prediction_type)
+        t = torch.tensor([10, 500, 990])
+        weights = min_snr_weights(scheduler, t, gamma=5.0)
+        for ti, w in zip(t.tolist(), weights.tolist()):
+            a = scheduler.alphas_cumprod[ti].item()
+            assert w == pytest.approx(expected(a / (1 - a)), rel=1e-5)
+    assert min_snr_weights(make_noise_scheduler("linear", "epsilon"), torch.tensor([10]), 5.0).item() < 0.1
+
+
+def test_warmup_then_plateau_matches_torch_reduce_lr_on_plateau():
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    ours = make_lr_schedule("warmup_plateau", opt := optimizer(), warmup_steps=4, total_steps=100, factor=0.5,
+                            patience=1, threshold=0.01, min_lr=0.2)
+    assert ours.get_last_lr() == [0.0]  # warm-up starts from zero, like diffusers' schedules
+    for expected in (0.25, 0.5, 0.75, 1.0, 1.0):
+        ours.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(ref := optimizer(), factor=0.5, patience=1,
+                                                           threshold=0.01, min_lr=0.2)
+    for val in (1.0, 0.9, 0.95, 0.899, 0.9, 0.9, 0.5, 0.6, 0.7, 0.8, 0.9):
+        ours.report(val)
+        reference.step(val)
+        assert opt.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # cut down to min_lr, not below
+    restored = make_lr_schedule("warmup_plateau", opt2 := optimizer(), warmup_steps=4, total_steps=100,
+                                factor=0.5, patience=1, threshold=0.01, min_lr=0.2)
+    restored.load_state_dict(json.loads(json.dumps(ours.state_dict())))
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_diffusers_schedule_state_round_trips_through_json():
+    sched = make_lr_schedule("cosine", opt := torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                             warmup_steps=2, total_steps=10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    again = make_lr_schedule("cosine", opt2 := torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                             warmup_steps=2, total_steps=10)
+    again.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    opt.step(), opt2.step()
+    sched.step()
+    again.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) and 0 < opt.param_groups[0]["lr"] < 1
+
+
+# ------------------------------------------------------------------------------ whole runs
+def test_run_exports_pipeline_card_gifs_and_logs(uninterrupted):
+    out = uninterrupted
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 3 and "bundled" in summary["data_source"]
-    assert summary["config"]["prob_mask_past"] == 0.5
-    pipe = MCVDPipeline.from_pretrained(pipeline_dir)
-    assert pipe.unet.config.prob_mask_past == 0.5 and pipe.scheduler.config.prediction_type == "v_prediction"
-    pipe.set_progress_bar_config(disable=True)
-    assert pipe(batch_size=1, num_inference_steps=2).frames.shape == (1, 3, 1, 32, 32)  # unconditional works
-    with pytest.raises(ValueError, match="already holds files"):
-        train(config)  # never overwrites a run unless asked
+    assert summary["steps"] == 6 and "bundled" in summary["data_source"]
+    assert [v["step"] for v in summary["validations"]] == [2, 4, 6]
+    best = min(summary["validations"], key=lambda v: v["loss"])
+    assert (summary["weights_step"], summary["val_loss"]) == (best["step"], best["loss"])
+    pipe = MCVDPipeline.from_pretrained(out / "pipeline")
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.timestep_spacing == "trailing"
+    exported = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    best_ckpt = load_file(out / "checkpoints" / f"checkpoint-{best['step']}" / "ema.safetensors")
+    assert all(torch.equal(exported[k], best_ckpt[k]) for k in best_ckpt)  # the best EMA weights
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "learning_rate: 0.001" in card and "plateau_patience: 0" in card and "{{" not in card
+    assert f"validation loss {best['loss']:.4g}" in card and f"step {best['step']}" in card
+    assert "bundled MNIST sample" in card and "Not evaluated yet" in card
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
 
-def test_training_with_the_cpu_fast_paths_on(tmp_path):
-    config = TrainConfig.from_dict(dict(preset="tiny", mnist_root="bundled", image_size=32, num_past_frames=2,
-                                        num_current_frames=3, batch_size=2, max_steps=2, warmup_steps=1,
-                                        mixed_precision="bf16", channels_last=True, fused_adamw=True,
-                                        output_dir=str(tmp_path / "run")))
+def test_validation_loss_is_fixed_and_uses_validation_digits(uninterrupted):
+    config = small_config(uninterrupted)
+    pipe = MCVDPipeline.from_pretrained(uninterrupted / "pipeline")
+    from mcvd_diffusers.data.mnist import load_mnist
+
+    val = ValidationSet(load_mnist("val", root="bundled"), pipe.unet, config)
+    again = ValidationSet(load_mnist("val", root="bundled"), pipe.unet, config)
+    assert torch.equal(val.clips, again.clips) and torch.equal(val.noise, again.noise)
+    assert val.timesteps.min() < 100 and val.timesteps.max() > 900  # spread over the schedule
+    loss = val.loss(pipe.unet, make_noise_scheduler(), Accelerator(cpu=True), batch_size=3)
+    summary = json.loads((uninterrupted / "train_summary.json").read_text())
+    assert loss == pytest.approx(summary["val_loss"], rel=1e-5)  # reproduces the number the run chose on
+
+
+def _interrupt_data_at(monkeypatch, call: int, batch_size: int = 2):
+    original, calls = MovingMNIST.sample, {"n": 0}
+
+    def sample(self, n, generator=None, dtype=torch.float32):
+        if n == batch_size:
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise KeyboardInterrupt("Ctrl-C")
+        return original(self, n, generator, dtype)
+
+    monkeypatch.setattr(MovingMNIST, "sample", sample)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _interrupt_data_at(monkeypatch, call=5)  # Ctrl-C during step 5: checkpoints 2 and 4 exist
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(out))
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(ValueError, match="pass resume_from_checkpoint=latest"):
+        train(small_config(out))  # the same command without resume refuses to clobber the run
+    train(small_config(out, resume_from_checkpoint="latest"))
+    assert_same_run(uninterrupted, out)
+
+
+def test_killed_while_saving_keeps_previous_checkpoint(uninterrupted, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original, calls = Accelerator.save_state, {"n": 0}
+
+    def dying_save_state(self, output_dir=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the save of step 4 dies half-way
+            Path(output_dir, "model.safetensors").write_bytes(b"\0" * 10)
+            raise KeyboardInterrupt("killed")
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", dying_save_state)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(out))
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+    assert (out / "checkpoints" / ".checkpoint-4.partial").is_dir()
+    train(small_config(out, resume_from_checkpoint="latest"))
+    assert not (out / "checkpoints" / ".checkpoint-4.partial").exists()
+    assert_same_run(uninterrupted, out)
+
+
+def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    with pytest.raises(ValueError, match=r"cannot resume .*learning_rate: checkpoint 0.001, now 0.002"):
+        train(small_config(out, learning_rate=2e-3, resume_from_checkpoint="latest"))
+    with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
+        train(small_config(out, resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-5")))
+    train(small_config(out, max_steps=8, resume_from_checkpoint="latest"))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 8 and [v["step"] for v in summary["validations"]] == [2, 4, 6, 8]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from mcvd_diffusers import training
+
+    out = tmp_path / "run"
+    original, calls = training.diffusion_loss, {"n": 0}
+
+    def diverging_loss(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", diverging_loss)
+    with pytest.raises(FloatingPointError, match=r"loss became nan .*Last good checkpoint: .*checkpoint-2"):
+        train(small_config(out))
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+    ema = load_file(out / "checkpoints" / "checkpoint-2" / "ema.safetensors")
+    assert all(torch.isfinite(v).all() for v in ema.values())
+    assert not (out / "pipeline").exists()
+
+
+def test_export_on_demand_and_fake_hub_upload(uninterrupted, tmp_path, monkeypatch):
+    folder = export_checkpoint(uninterrupted / "checkpoints" / "checkpoint-4", tmp_path / "export-4")
+    ema = load_file(uninterrupted / "checkpoints" / "checkpoint-4" / "ema.safetensors")
+    pipe = MCVDPipeline.from_pretrained(folder)
+    assert all(torch.equal(p, ema[name]) for name, p in pipe.unet.named_parameters())
+    card = (folder / "README.md").read_text()
+    assert "EMA weights of step 4" in card and "bundled MNIST sample" in card
+
+    from huggingface_hub import HfApi
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, repo_id, folder_path, **kw: uploads.append(
+        (repo_id, sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()),
+         (Path(folder_path) / "README.md").read_text())))
+    out = tmp_path / "pushed"
+    train(small_config(out, max_steps=2, push_to_hub=True, hub_model_id="someone/mcvd-tiny"))
+    [(repo_id, files, card)] = uploads
+    assert repo_id == "someone/mcvd-tiny"
+    assert files == ["README.md", "model_index.json", "scheduler/scheduler_config.json", "training_info.json",
+                     "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]  # no raw checkpoints
+    assert 'MCVDPipeline.from_pretrained("someone/mcvd-tiny")' in card and "# someone/mcvd-tiny" in card
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    with pytest.raises(RuntimeError, match="The export is kept; push it again with: python train_mcvd.py --push"):
+        from mcvd_diffusers.hub import push_to_hub
+
+        push_to_hub(out / "pipeline", "someone/mcvd-tiny")
+
+
+def test_training_with_the_cpu_fast_paths_and_accumulation(tmp_path):
+    config = small_config(tmp_path / "run", max_steps=2, mixed_precision="bf16", channels_last=True,
+                          fused_adamw=True, gradient_accumulation_steps=2, min_snr_gamma=5.0, lr_scheduler="cosine",
+                          sample_every=2)
     pipe = MCVDPipeline.from_pretrained(train(config))
     assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
-    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["config"]["mixed_precision"] == "bf16"
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["config"]["mixed_precision"] == "bf16" and summary["samples_seen"] == 2 * 2 * 2
+    assert (tmp_path / "run" / "samples" / "step-0000002.gif").stat().st_size > 1000
+
+
+def _launch(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    accelerate = Path(sys.executable).with_name("accelerate")
+    return subprocess.run([str(accelerate), "launch", *args, str(REPO / "train_mcvd.py"), "--config",
+                           str(REPO / "configs" / "tiny.yaml"), "--output_dir", str(tmp_path / "run"),
+                           "--max_steps", "4", "--image_size", "32", "--batch_size", "2", "--val_clips", "6",
+                           "--validate_every", "2", "--checkpoint_every", "2", "--sample_every", "4",
+                           "--warmup_steps", "1", "--log_every", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_two_process_cpu_run(tmp_path):
+    result = _launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no", "--main_process_port", "29517"], tmp_path, ACCELERATE_USE_CPU="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["samples_seen"] == 4 * 2 * 2
+    assert len(set(summary["data_seeds"])) == 2  # each process draws its own clips
+    ckpt = out / "checkpoints" / "checkpoint-4"
+    assert {p.name for p in ckpt.iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl", "generator_0.safetensors",
+                                                "generator_1.safetensors", "model.safetensors", "ema.safetensors"}
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1  # only the main process logs
+    assert result.stdout.count("saved the pipeline") == 1
+    # the validation loss was reduced over both processes' shares: one process gets the same number
+    config = TrainConfig.from_dict(summary["config"])
+    pipe = MCVDPipeline.from_pretrained(out / "pipeline")
+    from mcvd_diffusers.data.mnist import load_mnist
+
+    loss = ValidationSet(load_mnist("val", root="bundled"), pipe.unet, config).loss(
+        pipe.unet, make_noise_scheduler(), Accelerator(cpu=True), batch_size=4)
+    assert loss == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+def test_accelerate_cpu_flag_that_starts_one_process_is_refused(tmp_path):
+    result = _launch(["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no"], tmp_path)
+    assert result.returncode != 0
+    assert "started 1 process, not the 2 asked for" in result.stderr and "--multi_gpu" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,103 @@
+"""The model card of an exported pipeline, and its upload to the Hugging Face Hub.
+
+An exported pipeline folder holds ``training_info.json`` (config, data source, steps, losses,
+and the evaluation once eval_mcvd.py has run with --update-model-card); its ``README.md``
+is rendered from that file and the template ``pipeline_card.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from huggingface_hub import HfApi
+
+from .pipeline_mcvd import check_pipeline_folder
+
+CARD_TEMPLATE = Path(__file__).with_name("pipeline_card.md")  # a link to the repository's pipeline_card.md
+INFO_FILE = "training_info.json"
+_PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
+
+
+def _number(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def render_model_card(info: dict, repo_id: str) -> str:
+    """The card's text for a pipeline trained as ``info`` records; ``repo_id`` goes into the usage snippet."""
+    config = info["config"]
+    abilities = []
+    if config["prob_mask_past"] > 0:
+        abilities.append("it also generates without past frames (`past_frames=None`)")
+    if config["num_future_frames"] > 0:
+        abilities.append(f"it interpolates between the past and {config['num_future_frames']} future frames "
+                         "(`future_frames=`)")
+    evaluation = info.get("evaluation")
+    if evaluation:
+        metrics = (f"`{evaluation['command']}` on {evaluation['num_clips']} test clips ({evaluation['data_source']}), "
+                   f"{evaluation['samples_per_clip']} samples per clip, device {evaluation['device']}:\n\n"
+                   f"{evaluation['table']}")
+    else:
+        metrics = ("Not evaluated yet. Run `python eval_mcvd.py --model PATH --out results/NAME --update-model-card` "
+                   "to add the table here.")
+    values = {
+        "model_name": config.get("hub_model_id") or Path(config["output_dir"]).name,
+        "repo_id": repo_id,
+        "num_past_frames": config["num_past_frames"],
+        "num_current_frames": config["num_current_frames"],
+        "image_size": config["image_size"],
+        "capabilities": ("; " + "; ".join(abilities)) if abilities else "",
+        "scheduler": info["scheduler"],
+        "num_inference_steps": info["num_inference_steps"],
+        "data_source": info["data_source"],
+        "steps": info["steps"],
+        "num_processes": info["num_processes"],
+        "samples_seen": info["samples_seen"],
+        "final_loss": _number(info["final_loss"]),
+        "weights_step": info["weights_step"],
+        "val_loss": _number(info["val_loss"]),
+        "config": yaml.safe_dump(config, sort_keys=False).strip(),
+        "metrics": metrics,
+    }
+    template = CARD_TEMPLATE.read_text()
+    missing = sorted(set(_PLACEHOLDER.findall(template)) - set(values))
+    if missing:
+        raise ValueError(f"{CARD_TEMPLATE} uses placeholders nobody fills: {missing}")
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+
+
+def read_training_info(folder: str | Path) -> dict:
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {INFO_FILE}: it was not exported by mcvd_diffusers' training")
+    return json.loads(path.read_text())
+
+
+def write_model_card(folder: str | Path, info: dict, repo_id: str | None = None) -> Path:
+    """Writes ``training_info.json`` and the ``README.md`` rendered from it into a pipeline folder.
+    ``repo_id`` (the name in the usage snippet) defaults to the one recorded, else the folder's path."""
+    folder = Path(folder)
+    info = {**info, "repo_id": repo_id or info.get("repo_id") or str(folder)}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
+    card = folder / "README.md"
+    card.write_text(render_model_card(info, info["repo_id"]))
+    return card
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Uploads an exported pipeline folder (weights, configs, card) to a Hub model repo; returns its URL."""
+    folder = Path(folder)
+    check_pipeline_folder(folder)
+    write_model_card(folder, read_training_info(folder), repo_id)  # the usage snippet names the repo
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message="Upload MCVDPipeline (mcvd-diffusers)")
+    except Exception as e:  # network, auth and permission errors all come here; the export stays on disk
+        raise RuntimeError(f"uploading {folder} to the Hub repo {repo_id} failed ({type(e).__name__}: {e}). "
+                           f"The export is kept; push it again with: python train_mcvd.py --push {folder} "
+                           f"--hub_model_id {repo_id}") from e
+    return str(url)
