@@ -8,8 +8,6 @@ then ReduceLROnPlateau on the validation loss. Every other name is a diffusers s
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.optimization import get_scheduler
 
@@ -18,56 +16,47 @@ LR_SCHEDULES = ("warmup_plateau", *DIFFUSERS_SCHEDULES)
 
 
 class WarmupPlateauLR:
-    """Linear warm-up over ``warmup_steps``, then the LR is multiplied by ``factor`` whenever the
-    validation loss has not improved by a relative ``threshold`` for more than ``patience``
-    validations in a row, never going below ``min_lr`` (torch's ReduceLROnPlateau rule, mode
-    "min", threshold mode "rel")."""
+    """Linear warm-up over ``warmup_steps``, then torch's ReduceLROnPlateau on the validation loss:
+    the LR is multiplied by ``factor`` once the loss has not improved by a relative ``threshold``
+    for more than ``patience`` validations, never going below ``min_lr``. Validations during the
+    warm-up are not reported to the plateau rule (the warm-up owns the LR then)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, factor: float, patience: int,
                  threshold: float, min_lr: float):
-        if not 0 < factor < 1:
-            raise ValueError(f"plateau factor must be in (0, 1), got {factor}")
-        self.optimizer = optimizer
+        self.optimizer, self.warmup_steps, self.steps = optimizer, warmup_steps, 0
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
-        self.warmup_steps, self.factor, self.patience = warmup_steps, factor, patience
-        self.threshold, self.min_lr = threshold, min_lr
-        self.steps, self.scale, self.best, self.num_bad = 0, 1.0, math.inf, 0
-        self._apply()
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=factor, patience=patience,
+                                                                  threshold=threshold, min_lr=min_lr)
+        self._warm_up()
 
-    def _apply(self) -> None:
-        warmup = min(1.0, self.steps / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self.scale * warmup
+    def _warm_up(self) -> None:
+        if self.steps <= self.warmup_steps and self.warmup_steps > 0:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * self.steps / self.warmup_steps
 
     def step(self) -> None:
         self.steps += 1
-        self._apply()
+        self._warm_up()
 
     def report(self, val_loss: float) -> bool:
         """Takes a validation loss; returns True when it cut the learning rate."""
-        if val_loss < self.best * (1 - self.threshold):
-            self.best, self.num_bad = val_loss, 0
+        if self.steps < self.warmup_steps:
             return False
-        self.num_bad += 1
-        if self.num_bad <= self.patience:
-            return False
-        self.num_bad = 0
-        floor = min(self.min_lr / base for base in self.base_lrs)
-        if self.scale <= floor:
-            return False
-        self.scale = max(self.scale * self.factor, floor)
-        self._apply()
-        return True
+        before = self.get_last_lr()
+        self.plateau.step(val_loss)
+        return self.get_last_lr() != before
 
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "scale": self.scale, "best": self.best, "num_bad": self.num_bad}
+        return {"steps": self.steps, "plateau": self.plateau.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps, self.scale, self.best, self.num_bad = state["steps"], state["scale"], state["best"], state["num_bad"]
-        self._apply()
+        # The optimizer's own state (restored with the checkpoint) holds the LR itself.
+        self.steps = state["steps"]
+        self.plateau.load_state_dict(state["plateau"])
+        self._warm_up()
 
 
 class DiffusersLR:

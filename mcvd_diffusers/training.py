@@ -605,7 +605,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, destination: str | os.PathL
     missing = sorted(set(dict(unet.named_parameters())) - set(weights))
     if missing:
         raise ValueError(f"{checkpoint}: the EMA weights lack {missing[:3]}... for the {config.preset} preset")
-    unet.load_state_dict(weights, strict=False)  # parameters only; the model has no buffers to restore
+    unet.load_state_dict(weights)
     scheduler = make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps)
     history, step = state["history"], state["step"]
     val = next((v["loss"] for v in history["validations"] if v["step"] == step), None)

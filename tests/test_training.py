@@ -125,27 +125,33 @@ def test_min_snr_weights_by_hand():
     assert min_snr_weights(make_noise_scheduler("linear", "epsilon"), torch.tensor([10]), 5.0).item() < 0.1
 
 
-def test_warmup_then_plateau_matches_torch_reduce_lr_on_plateau():
-    def optimizer():
-        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+def test_warmup_then_plateau_on_validation_losses():
+    def schedule():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, make_lr_schedule("warmup_plateau", opt, warmup_steps=4, total_steps=100, factor=0.5,
+                                     patience=1, threshold=0.01, min_lr=0.2)
 
-    ours = make_lr_schedule("warmup_plateau", opt := optimizer(), warmup_steps=4, total_steps=100, factor=0.5,
-                            patience=1, threshold=0.01, min_lr=0.2)
+    opt, ours = schedule()
     assert ours.get_last_lr() == [0.0]  # warm-up starts from zero, like diffusers' schedules
-    for expected in (0.25, 0.5, 0.75, 1.0, 1.0):
+    for expected in (0.25, 0.5, 0.75):
         ours.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(expected)
-    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(ref := optimizer(), factor=0.5, patience=1,
-                                                           threshold=0.01, min_lr=0.2)
-    for val in (1.0, 0.9, 0.95, 0.899, 0.9, 0.9, 0.5, 0.6, 0.7, 0.8, 0.9):
-        ours.report(val)
-        reference.step(val)
-        assert opt.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"])
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # cut down to min_lr, not below
-    restored = make_lr_schedule("warmup_plateau", opt2 := optimizer(), warmup_steps=4, total_steps=100,
-                                factor=0.5, patience=1, threshold=0.01, min_lr=0.2)
-    restored.load_state_dict(json.loads(json.dumps(ours.state_dict())))
-    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert ours.report(5.0) is False  # ignored during warm-up
+    ours.step()
+    ours.step()
+    assert opt.param_groups[0]["lr"] == 1.0
+    # patience 1: the second validation in a row without a 1% improvement halves the LR, down to 0.2
+    losses = (1.0, 0.9, 0.95, 0.899, 0.9, 0.9, 0.5, 0.6, 0.7, 0.8, 0.9)
+    expected = (1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.2, 0.2, 0.2)
+    cuts, resumed = [], None
+    for i, (val, lr) in enumerate(zip(losses, expected)):
+        cuts.append((resumed or ours).report(val))
+        assert (opt2 if resumed else opt).param_groups[0]["lr"] == pytest.approx(lr), f"after validation {i}"
+        if i == 4:  # resume here, one bad validation into a plateau: the optimizer's state brings the
+            opt2, resumed = schedule()  # LR, the schedule's JSON state the rest
+            opt2.load_state_dict(opt.state_dict())
+            resumed.load_state_dict(json.loads(json.dumps(ours.state_dict())))
+    assert cuts == [False, False, False, True, False, True, False, False, True, False, False]
 
 
 def test_diffusers_schedule_state_round_trips_through_json():
