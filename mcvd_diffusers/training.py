@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .checkpointing import (list_checkpoints, load_checkpoint, read_ema_weights, read_trainer_state, replace_dir,
                             resolve_checkpoint, save_checkpoint)
 from .data.mnist import MNISTDigits, load_mnist
-from .data.moving_mnist import MOTIONS, MovingMNIST
+from .data.moving_mnist import MOTIONS, MovingMNIST, digits_fingerprint
 from .hub import push_to_hub, write_model_card
 from .lr_schedules import LR_SCHEDULES, make_lr_schedule
 from .masking import draw_keep_mask
@@ -444,6 +444,12 @@ def train(config: TrainConfig) -> Path:
     parameter_names = [name for name, _ in unet.named_parameters()]
     scheduler = make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps)
     train_digits = load_mnist("train", root=config.mnist_root)
+    train_fingerprint = digits_fingerprint(train_digits.images)  # a resumed run must draw the same digits
+    saved = read_trainer_state(resume) if resume is not None else None
+    if saved is not None and saved["train_digits"] != train_fingerprint:
+        raise ValueError(f"cannot resume {resume}: the training digits ({train_digits.source}) are not the ones the "
+                         f"checkpoint was trained on ({saved['data_source']}); mnist_root may move, not change "
+                         "what it holds")
     data = MovingMNIST(train_digits.images.to(device), image_size=config.image_size, num_digits=config.num_digits,
                        num_frames=unet.clip_length, motion=config.motion)
     validation = ValidationSet(load_mnist("val", root=config.mnist_root), unet, config)
@@ -564,6 +570,7 @@ def train(config: TrainConfig) -> Path:
             with_ema_weights(lambda: write_sample_gif(model, scheduler, validation, config, gif))
         if checkpoint:
             trainer_state = {"config": config.to_dict(), "data_source": train_digits.source,
+                             "train_digits": train_fingerprint,
                              "lr_schedule": lr_schedule.state_dict(), "history": history}
             save_checkpoint(accelerator, checkpoints_dir, step, ema, parameter_names, generator, trainer_state,
                             config.checkpoints_total_limit)

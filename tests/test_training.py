@@ -251,13 +251,15 @@ def test_killed_while_saving_keeps_previous_checkpoint(uninterrupted, tmp_path, 
     assert_same_run(uninterrupted, out)
 
 
-def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninterrupted, tmp_path):
+def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninterrupted, tmp_path, mnist_dir):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     with pytest.raises(ValueError, match=r"cannot resume .*learning_rate: checkpoint 0.001, now 0.002"):
         train(small_config(out, learning_rate=2e-3, resume_from_checkpoint="latest"))
+    with pytest.raises(ValueError, match=r"the training digits \(MNIST files in .*\) are not the ones .*bundled MNIST"):
+        train(small_config(out, mnist_root=str(mnist_dir), resume_from_checkpoint="latest"))  # may move, not change
     with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
         train(small_config(out, resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-5")))
     train(small_config(out, max_steps=8, resume_from_checkpoint="latest"))

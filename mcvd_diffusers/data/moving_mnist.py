@@ -121,7 +121,7 @@ TEST_SET_CLIPS = 1000
 _TEST_SET_META = "mcvd_test_set.json"
 
 
-def _digits_fingerprint(digits: torch.Tensor) -> str:
+def digits_fingerprint(digits: torch.Tensor) -> str:
     return hashlib.sha256(digits.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -163,7 +163,7 @@ def load_test_set(
     meta = {
         "num_clips": num_clips,
         "seed": seed,
-        "digits": _digits_fingerprint(digits.images),
+        "digits": digits_fingerprint(digits.images),
         "data_source": digits.source,
         **{k: generator_kwargs[k] for k in sorted(generator_kwargs)},
     }
