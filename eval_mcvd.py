@@ -19,7 +19,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved MCVDPipeline folder or a Hub repo id")
     parser.add_argument("--out", required=True, help="results folder")
-    parser.add_argument("--samplers", nargs="+", default=["ddpm:1000", "ddim:50", "dpm++:20"], help="NAME:STEPS ...")
+    parser.add_argument("--samplers", nargs="+", default=["ddpm:1000", "ddim:50", "dpm++:20"],
+                        help="NAME:STEPS ..., or 'shipped': the model's own sampler at its default step count")
     parser.add_argument("--num-clips", type=int, default=256)
     parser.add_argument("--samples-per-clip", type=int, default=10, help="k, for mean-of-k and best-of-k")
     parser.add_argument("--num-frames", type=int, default=10, help="frames to predict after the past ones")

@@ -4,7 +4,7 @@ usage:
   python train_mcvd.py --config configs/tiny.yaml [--key value ...]
   accelerate launch train_mcvd.py --config configs/paper.yaml [--key value ...]
   python train_mcvd.py --config configs/tiny.yaml --resume_from_checkpoint latest
-  python train_mcvd.py --export runs/tiny/checkpoints/checkpoint-400 --to runs/tiny/export-400
+  python train_mcvd.py --export runs/tiny/checkpoints/checkpoint-400 --to runs/tiny/export-400 [--export_sampler ddim:20]
   python train_mcvd.py --push runs/tiny/pipeline --hub_model_id USER/NAME [--hub_private]
 
 Every key of mcvd_diffusers.training.TrainConfig (documented there and in configs/*.yaml)
@@ -20,6 +20,7 @@ from mcvd_diffusers.training import TrainConfig, export_checkpoint, load_config_
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig keys")
     parser.add_argument("--export", metavar="CHECKPOINT", help="export a checkpoint's EMA weights as a pipeline")
@@ -29,17 +30,19 @@ def main(argv=None) -> None:
     try:
         if args.export or args.push:
             options = parse_overrides(overrides)
+            allowed = {"hub_model_id", "hub_private"} | ({"export_sampler"} if args.export else set())
+            unknown = sorted(set(options) - allowed)
+            if unknown:
+                parser.error(f"--export and --push take only --hub_model_id and --hub_private (and --export "
+                             f"--export_sampler NAME:STEPS), got {unknown}")
             if args.export:
                 if not args.to:
                     parser.error("--export needs --to FOLDER")
-                folder = export_checkpoint(args.export, args.to)
+                folder = export_checkpoint(args.export, args.to, options.pop("export_sampler", None))
                 print(f"exported {args.export} to {folder}")
-            if args.push or options.get("push_to_hub", "false").lower() == "true":
-                if not options.get("hub_model_id"):
-                    parser.error("uploading needs --hub_model_id USER/NAME")
-                folder = args.push or args.to
-                print(push_to_hub(folder, options["hub_model_id"],
-                                  private=options.get("hub_private", "false").lower() == "true"))
+            if args.push:
+                push = TrainConfig.from_dict({"push_to_hub": True, **options})  # typed and validated like a config
+                print(push_to_hub(args.push, push.hub_model_id, private=push.hub_private))
             return
         values = load_config_file(args.config) if args.config else {}
         values.update(parse_overrides(overrides))
@@ -47,7 +50,7 @@ def main(argv=None) -> None:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     try:
-        train(config)
+        train(config, command=" ".join(["python train_mcvd.py", *argv]))
     except (ValueError, FileNotFoundError) as e:  # bad data, an incompatible resume, a run in the way
         sys.exit(f"error: {e}")
 

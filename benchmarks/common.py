@@ -11,7 +11,9 @@ import time
 import torch
 
 from mcvd_diffusers.data.mnist import load_mnist
+from mcvd_diffusers.pipeline_mcvd import MCVDPipeline
 from mcvd_diffusers.runtime import device_name, synchronize, versions
+from mcvd_diffusers.schedulers import make_sampler, parse_sampler
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -84,3 +86,20 @@ def write_json(path: str | None, payload: dict) -> None:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {path}")
+
+
+@torch.no_grad()
+def score(unet, scheduler, clips: torch.Tensor, sampler: str, frame_metrics, samples: int = 1) -> dict:
+    """Mean metrics of ``samples`` predictions per clip (seeded per clip and sample) of the clips'
+    current frames from their past, with a named sampler built from ``scheduler``'s config."""
+    name, steps = parse_sampler(sampler)
+    pipe = MCVDPipeline(unet=unet, scheduler=make_sampler(name, scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    past, current, _ = unet.split_clip(clips)
+    totals = {}
+    for s in range(samples):
+        generators = [torch.Generator().manual_seed(i + (s << 20)) for i in range(len(clips))]
+        video = pipe(past, num_inference_steps=steps, generator=generators).frames
+        for k, v in frame_metrics(video, current).items():
+            totals[k] = totals.get(k, 0.0) + v.mean().item() / samples
+    return totals

@@ -34,7 +34,7 @@ from .hub import read_training_info, write_model_card
 from .metrics import METRICS, FrameMetrics, aggregate
 from .pipeline_mcvd import MCVDPipeline
 from .runtime import autocast, check_precision, device_name, maybe_compile, synchronize, versions
-from .schedulers import make_sampler, parse_sampler
+from .schedulers import SAMPLERS, make_sampler, parse_sampler
 
 TEST_SETS = ("generated", "official")
 COPY_LAST, GROUND_TRUTH = "copy last frame", "ground truth"
@@ -67,8 +67,13 @@ def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
     return past[:, -1:].expand(-1, num_frames, *past.shape[2:]).clone()
 
 
-def _validate(config: EvalConfig) -> list[tuple[str, int]]:
-    samplers = [parse_sampler(s) for s in config.samplers]
+SHIPPED = "shipped"  # in --samplers: the pipeline's own scheduler at its default step count
+
+
+def _validate(config: EvalConfig) -> None:
+    for spec in config.samplers:
+        if spec != SHIPPED:
+            parse_sampler(spec)
     if len(set(config.samplers)) != len(config.samplers):
         raise ValueError(f"samplers are listed twice: {config.samplers}")
     for name in ("num_clips", "samples_per_clip", "num_frames", "batch_size"):
@@ -84,7 +89,6 @@ def _validate(config: EvalConfig) -> list[tuple[str, int]]:
         raise ValueError("test_set='official' needs test_file=<path of mnist_test_seq.npy>")
     if config.update_model_card:
         read_training_info(config.model)  # a local folder exported by train_mcvd.py, before any sampling
-    return samplers
 
 
 def load_test_clips(config: EvalConfig) -> tuple[torch.Tensor, dict]:
@@ -166,7 +170,10 @@ def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_
                                                                                 "batch_size", "timing", "compile")}
     key = {"weights": weights.hexdigest(), "config": fields, "test_set": {k: v for k, v in test_info.items()
                                                                           if k != "path"},
-           "sampler": sampler_config, "steps": steps, "metrics": list(METRICS)}
+           # diffusers' private config entries ("_use_default_values": a list in set order, which Python's
+           # hash randomization reshuffles in every process) say nothing about what the sampler does
+           "sampler": {k: v for k, v in sampler_config.items() if not k.startswith("_")}, "steps": steps,
+           "metrics": list(METRICS)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -202,10 +209,16 @@ def _git_commit() -> str | None:
 
 def evaluate(config: EvalConfig) -> dict:
     """Runs the protocol and writes every output into ``config.out``; returns what metrics.json holds."""
-    samplers = _validate(config)  # names and numbers first, then files: all before any sampling
+    _validate(config)  # names and numbers first, then files: all before any sampling
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_precision(config.precision, device)
     pipe = MCVDPipeline.from_pretrained(config.model)
+    shipped = shipped_sampler(pipe)
+    if SHIPPED in config.samplers and shipped is None:
+        raise ValueError(f"--samplers {SHIPPED}: {config.model} ships with {type(pipe.scheduler).__name__}, which is "
+                         f"none of the named samplers {sorted(SAMPLERS)}; name the sampler instead")
+    specs = list(dict.fromkeys(shipped if spec == SHIPPED else spec for spec in config.samplers))
+    samplers = [parse_sampler(spec) for spec in specs]
     clips, test_info = load_test_clips(config)
     unet_cfg = pipe.unet.config
     num_past = unet_cfg.num_past_frames
@@ -228,15 +241,19 @@ def evaluate(config: EvalConfig) -> dict:
 
     rows: dict[str, dict] = {}
     for label, prediction in ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames))):
-        per_frame = frame_metrics(prediction, future)
+        # in batches, like the samplers: LPIPS-VGG on every frame of 256 clips at once needs over 20 GiB
+        parts = [frame_metrics(prediction[i : i + config.batch_size], future[i : i + config.batch_size])
+                 for i in range(0, len(future), config.batch_size)]
+        per_frame = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         rows[label] = {"kind": "baseline", "samples_per_clip": 1,
                        "per_frame": {k: v[:, None] for k, v in per_frame.items()}, "timing": {}}
     gifs = {}
     total = len(samplers) * len(past) * config.samples_per_clip
+    trained_config = pipe.scheduler.config  # every sampler is built from the pipeline's own scheduler config
     with tqdm(total=total, desc="evaluate", unit="video") as progress:
-        for (name, steps), spec in zip(samplers, config.samplers):
+        for (name, steps), spec in zip(samplers, specs):
             progress.set_postfix(sampler=spec)
-            pipe.scheduler = make_sampler(name, pipe.scheduler.config)
+            pipe.scheduler = make_sampler(name, trained_config)
             cache = out / "cache" / f"{name.replace('+', 'p')}-{steps}.npz"
             key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), steps)
             result = _load_cache(cache, key)
@@ -263,12 +280,23 @@ def evaluate(config: EvalConfig) -> dict:
         "versions": versions(),
         "git_commit": _git_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "shipped_sampler": shipped,
         "rows": rows,
     }
     write_outputs(out, record, past[: config.gif_clips], future[: config.gif_clips], gifs)
     if config.update_model_card:
         update_model_card(Path(config.model), record)
     return record
+
+
+def shipped_sampler(pipe: MCVDPipeline) -> str | None:
+    """The pipeline's own sampler as NAME:STEPS (its scheduler is a named sampler of SAMPLERS, STEPS its
+    default step count), or None when it ships with a scheduler of its own."""
+    own = dict(pipe.scheduler.config)
+    for name, (cls, _) in SAMPLERS.items():
+        if type(pipe.scheduler) is cls and dict(make_sampler(name, own).config) == own:
+            return f"{name}:{pipe.config.default_num_inference_steps}"
+    return None
 
 
 def update_model_card(folder: Path, record: dict) -> Path:
@@ -299,7 +327,8 @@ def summary_table(record: dict) -> str:
         for aggregate_name in ("mean_of_k", "best_of_k"):
             if aggregate_name == "best_of_k" and row["samples_per_clip"] == 1:
                 continue
-            cells = [label, str(row.get("steps", "")), _fmt_seconds(row["timing"].get("seconds_per_video_batch1")),
+            shown = f"{label} (shipped)" if label == record.get("shipped_sampler") else label
+            cells = [shown, str(row.get("steps", "")), _fmt_seconds(row["timing"].get("seconds_per_video_batch1")),
                      _fmt_seconds(row["timing"].get("seconds_per_video_amortized")), str(row["samples_per_clip"]),
                      aggregate_name.replace("_", "-")]
             for metric, _, digits in SUMMARY_COLUMNS:

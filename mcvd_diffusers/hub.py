@@ -25,6 +25,19 @@ def _number(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "an unrecorded amount"
+    minutes = seconds / 60
+    return f"{minutes:.1f} minutes" if minutes < 120 else f"{minutes / 60:.2f} hours"
+
+
+def _local_name(folder: str, output_dir: str) -> str:
+    """A local export's name: its folder's, or the run's for the run's own pipeline/ and best/ folders."""
+    name = Path(folder).name
+    return Path(output_dir).name if name in ("pipeline", "best") else name
+
+
 def render_model_card(info: dict, repo_id: str) -> str:
     """The card's text for a pipeline trained as ``info`` records; ``repo_id`` goes into the usage snippet."""
     config = info["config"]
@@ -43,7 +56,7 @@ def render_model_card(info: dict, repo_id: str) -> str:
         metrics = ("Not evaluated yet. Run `python eval_mcvd.py --model PATH --out results/NAME --update-model-card` "
                    "to add the table here.")
     values = {
-        "model_name": config.get("hub_model_id") or Path(config["output_dir"]).name,
+        "model_name": config.get("hub_model_id") or _local_name(repo_id, config["output_dir"]),
         "repo_id": repo_id,
         "num_past_frames": config["num_past_frames"],
         "num_current_frames": config["num_current_frames"],
@@ -58,6 +71,8 @@ def render_model_card(info: dict, repo_id: str) -> str:
         "final_loss": _number(info["final_loss"]),
         "weights_step": info["weights_step"],
         "val_loss": _number(info["val_loss"]),
+        "train_time": _duration(info.get("train_seconds")),
+        "commands": "; ".join(f"`{c}`" for c in info.get("commands") or []) or "not recorded (the Python API)",
         "config": yaml.safe_dump(config, sort_keys=False).strip(),
         "metrics": metrics,
     }

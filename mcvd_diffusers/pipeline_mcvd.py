@@ -58,6 +58,11 @@ def check_pipeline_folder(folder: str | os.PathLike) -> None:
             raise ValueError(f"{os.path.join(unet_dir, name)} is corrupt or truncated ({e})") from e
 
 
+def _is_count(value) -> bool:
+    """An integer >= 1: Python or numpy integers, not bools or floats."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 class MCVDPipeline(DiffusionPipeline):
     r"""Masked Conditional Video Diffusion on top of an ``MCVDUNet2DModel``.
 
@@ -66,13 +71,19 @@ class MCVDPipeline(DiffusionPipeline):
     the frames just generated, with fresh noise for the next block (MCVD's autoregressive
     rollout). The scheduler can be any diffusers scheduler, e.g.
     ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``.
+
+    ``default_num_inference_steps`` (saved in ``model_index.json``) is the step count a call uses
+    when it names none: a trained pipeline ships the count its scheduler was chosen with.
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: MCVDUNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, unet: MCVDUNet2DModel, scheduler: SchedulerMixin, default_num_inference_steps: int = 50):
         super().__init__()
+        if not _is_count(default_num_inference_steps):
+            raise ValueError(f"default_num_inference_steps must be an integer >= 1, got {default_num_inference_steps!r}")
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(default_num_inference_steps=int(default_num_inference_steps))
         self.video_processor = VideoProcessor(do_resize=False, do_normalize=True)
 
     @classmethod
@@ -138,9 +149,9 @@ class MCVDPipeline(DiffusionPipeline):
 
     def check_inputs(self, past_frames, future_frames, num_frames, num_inference_steps, batch_size, output_type):
         cfg = self.unet.config
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not _is_count(num_inference_steps):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if not isinstance(num_frames, int) or num_frames < 1:
+        if not _is_count(num_frames):
             raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -166,7 +177,7 @@ class MCVDPipeline(DiffusionPipeline):
                 f"this model always saw {cfg.num_future_frames} future frames in training (prob_mask_future=0): "
                 "pass future_frames"
             )
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and not _is_count(batch_size):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
     def prepare_extra_step_kwargs(self, generator, eta):
@@ -186,7 +197,7 @@ class MCVDPipeline(DiffusionPipeline):
         past_frames: torch.Tensor | np.ndarray | None = None,
         future_frames: torch.Tensor | np.ndarray | None = None,
         num_frames: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         batch_size: int | None = None,
         eta: float = 0.0,
@@ -202,7 +213,7 @@ class MCVDPipeline(DiffusionPipeline):
             future_frames: (B, F, ...) like ``past_frames``, F = ``num_future_frames``: interpolation.
             num_frames: frames to generate; default one block (``num_current_frames``). More than one
                 block rolls out autoregressively; the last block is cut to the requested count.
-            num_inference_steps: denoising steps per block.
+            num_inference_steps: denoising steps per block; default ``config.default_num_inference_steps``.
             generator: one ``torch.Generator``, or one per video, for reproducible results.
             batch_size: videos to generate when ``past_frames`` is None (default 1).
             eta: DDIM's eta (0 = deterministic DDIM); ignored by schedulers without it.
@@ -210,7 +221,11 @@ class MCVDPipeline(DiffusionPipeline):
         """
         cfg = self.unet.config
         num_frames = cfg.num_current_frames if num_frames is None else num_frames
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
         self.check_inputs(past_frames, future_frames, num_frames, num_inference_steps, batch_size, output_type)
+        num_frames, num_inference_steps = int(num_frames), int(num_inference_steps)  # numpy integers too
+        batch_size = None if batch_size is None else int(batch_size)
         past = None if past_frames is None else self._to_model_frames(past_frames, "past_frames", cfg.num_past_frames)
         future = (None if future_frames is None
                   else self._to_model_frames(future_frames, "future_frames", cfg.num_future_frames))

@@ -10,6 +10,10 @@ the reproduction's DDIM collapse.
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -37,15 +41,23 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 
 
 def make_noise_scheduler(
-    beta_schedule: str = "cosine", prediction_type: str = "v_prediction", num_train_timesteps: int = 1000
+    beta_schedule: str = "cosine", prediction_type: str = "v_prediction", num_train_timesteps: int = 1000,
+    noise_shift: float = 1.0,
 ) -> DDPMScheduler:
-    """The training scheduler, which is also the scheduler a new pipeline ships with (DDPM, x0 clipped to [-1, 1])."""
+    """The training scheduler, which is also the scheduler a new pipeline ships with (DDPM, x0 clipped to [-1, 1]).
+
+    ``noise_shift`` s > 1 divides the signal-to-noise ratio of every step by s^2 (the shifted schedules
+    of "simple diffusion", Hoogeboom et al. 2023): more of training and sampling at high noise. The
+    shifted schedule is stored as ``trained_betas``, so every sampler built with ``from_config`` shares it."""
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {beta_schedule!r}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+    if not (isinstance(noise_shift, (int, float)) and math.isfinite(noise_shift) and noise_shift > 0):
+        raise ValueError(f"noise_shift must be a finite number > 0, got {noise_shift!r}")
+    trained_betas = None if noise_shift == 1 else shifted_betas(beta_schedule, num_train_timesteps, noise_shift)
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=BETA_SCHEDULES[beta_schedule],
@@ -53,7 +65,18 @@ def make_noise_scheduler(
         clip_sample=True,
         clip_sample_range=1.0,
         timestep_spacing="trailing",
+        trained_betas=trained_betas,
     )
+
+
+def shifted_betas(beta_schedule: str, num_train_timesteps: int, shift: float) -> list[float]:
+    """Betas whose cumulative alphas have the SNR of ``beta_schedule`` divided by shift^2."""
+    base = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=BETA_SCHEDULES[beta_schedule])
+    alphas_cumprod = base.alphas_cumprod.double()
+    snr = alphas_cumprod / (1 - alphas_cumprod) / shift**2
+    shifted = snr / (1 + snr)
+    betas = 1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])
+    return betas.clamp(max=0.999).tolist()
 
 
 def make_sampler(name: str, config) -> SchedulerMixin:

@@ -48,10 +48,14 @@ from .pipeline_mcvd import MCVDPipeline
 from .runtime import check_precision, maybe_compile, to_channels_last
 from .schedulers import BETA_SCHEDULES, PREDICTION_TYPES, make_noise_scheduler, make_sampler, parse_sampler
 
-# The exported pipeline ships with this sampler, so that pipe(past) samples well as it comes: on the
-# quickstart model DDIM-50 (trailing, x0 clipped) beat DPM-Solver++-20 (MSE 0.050 vs 0.066).
+# The sampler an exported pipeline ships with unless the config names another (export_sampler), so that
+# pipe(past) samples well as it comes: on the quickstart model DDIM-50 (trailing, x0 clipped) beat
+# DPM-Solver++-20 (MSE 0.050 vs 0.066).
 EXPORT_SAMPLER = "ddim:50"
 VALIDATION_SEED = 1234
+# Exported weights are split into safetensors shards of at most this size (diffusers' sharded format,
+# which from_pretrained reads back): each file fits git hosts' and the Hub's per-file limits.
+MAX_SHARD_SIZE = "10MB"
 
 
 @dataclass
@@ -65,6 +69,8 @@ class TrainConfig:
     num_future_frames: int = 0  # > 0: future-conditioning slots (interpolation)
     prob_mask_past: float = 0.0  # MCVD masking: > 0 also teaches unconditional generation
     prob_mask_future: float = 0.0  # > 0 lets an interpolation model also predict
+    patch_size: int | None = None  # space-to-depth factor of the UNet's input; None: the preset's
+    block_out_channels: list[int] | None = None  # the UNet's width per level; None: the preset's
     # data: Moving MNIST drawn fresh each step from MNIST train digits
     mnist_root: str | None = None  # a folder, "bundled", or None ($MCVD_MNIST_DIR, else download)
     image_size: int = 64
@@ -76,6 +82,7 @@ class TrainConfig:
     # schedule leaves SNR ~1e-9; an epsilon model's x0 estimate there is its error times ~1e4.
     prediction_type: str = "v_prediction"  # or "epsilon" (MCVD), "sample"
     num_train_timesteps: int = 1000
+    noise_shift: float = 1.0  # > 1 divides every step's SNR by noise_shift^2 ("simple diffusion" shift)
     min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023; 5.0 is usual); None: off
     # optimization
     batch_size: int = 64  # per process and per micro-batch
@@ -100,7 +107,9 @@ class TrainConfig:
     # prediction GIFs on fixed validation clips
     sample_every: int = 1000  # 0: never
     sample_clips: int = 4
-    sample_sampler: str = "dpm++:20"  # NAME:STEPS, a sampler of mcvd_diffusers.SAMPLERS
+    sample_sampler: str = EXPORT_SAMPLER  # NAME:STEPS, a sampler of mcvd_diffusers.SAMPLERS
+    # the sampler exported pipelines ship with: their scheduler, and STEPS as their default step count
+    export_sampler: str = EXPORT_SAMPLER
     # fast paths (mcvd_diffusers/runtime.py), off by default
     channels_last: bool = False  # NHWC convolutions
     compile: bool = False  # torch.compile the UNet; falls back to eager with a warning where unsupported
@@ -135,6 +144,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         levels = len(PRESETS[self.preset]["block_out_channels"]) if self.preset in PRESETS else 1
+        patch = self.patch_size or (PRESETS[self.preset].get("patch_size", 1) if self.preset in PRESETS else 1)
+        patch = patch if patch >= 1 else 1
         checks = [
             (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}"),
             (self.num_past_frames >= 0 and self.num_current_frames >= 1 and self.num_future_frames >= 0,
@@ -143,14 +154,21 @@ class TrainConfig:
             (self.prob_mask_past == 0 or self.num_past_frames > 0, "prob_mask_past > 0 needs num_past_frames > 0"),
             (self.prob_mask_future == 0 or self.num_future_frames > 0,
              "prob_mask_future > 0 needs num_future_frames > 0"),
-            (self.image_size >= 28 and self.image_size % 2 ** (levels - 1) == 0,
-             f"image_size must be >= 28 and a multiple of {2 ** (levels - 1)} (the {self.preset} preset halves "
-             f"it {levels - 1} times)"),
+            (self.patch_size is None or self.patch_size >= 1, "patch_size must be >= 1 (or null: the preset's)"),
+            (self.block_out_channels is None or (len(self.block_out_channels) == levels
+                                                 and all(c >= 1 for c in self.block_out_channels)),
+             f"block_out_channels must list {levels} positive widths, one per level of the {self.preset} preset "
+             "(or null: the preset's)"),
+            (self.image_size >= 28 and self.image_size % (patch * 2 ** (levels - 1)) == 0,
+             f"image_size must be >= 28 and a multiple of {patch * 2 ** (levels - 1)} (patch_size {patch} x "
+             f"2^{levels - 1}: the {self.preset} preset runs on a grid of image_size/{patch} and halves it "
+             f"{levels - 1} times)"),
             (self.num_digits >= 1, "num_digits must be >= 1"),
             (self.motion in MOTIONS, f"motion must be one of {MOTIONS}"),
             (self.beta_schedule in BETA_SCHEDULES, f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}"),
             (self.prediction_type in PREDICTION_TYPES, f"prediction_type must be one of {PREDICTION_TYPES}"),
             (self.num_train_timesteps >= 2, "num_train_timesteps must be >= 2"),
+            (math.isfinite(self.noise_shift) and self.noise_shift > 0, "noise_shift must be a finite number > 0"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma must be > 0 (or null: off)"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
@@ -172,6 +190,8 @@ class TrainConfig:
             (self.sample_every >= 0, "sample_every must be >= 0"),
             (1 <= self.sample_clips <= self.val_clips, "sample_clips must be in [1, val_clips]"),
             (_is_sampler(self.sample_sampler), "sample_sampler must be NAME:STEPS with NAME one of "
+                                               "ddpm, ddim, dpm++, unipc and STEPS >= 1"),
+            (_is_sampler(self.export_sampler), "export_sampler must be NAME:STEPS with NAME one of "
                                                "ddpm, ddim, dpm++, unipc and STEPS >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
@@ -196,7 +216,7 @@ def _is_sampler(spec: str) -> bool:
 
 # Keys a resumed run may change: they do not alter the model, the data or the optimization.
 RESUMABLE_CHANGES = {"max_steps", "mnist_root", "validate_every", "val_batch_size", "sample_every", "sample_clips",
-                     "sample_sampler", "channels_last", "compile", "fused_adamw", "checkpoint_every",
+                     "sample_sampler", "export_sampler", "channels_last", "compile", "fused_adamw", "checkpoint_every",
                      "checkpoints_total_limit", "resume_from_checkpoint", "output_dir", "overwrite", "log_every",
                      "report_to", "push_to_hub", "hub_model_id", "hub_private"}
 
@@ -217,6 +237,11 @@ def _coerce(value, key: str):
     if type(None) in allowed and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
         return None
     for t in allowed:
+        if typing.get_origin(t) is list:
+            (item,) = typing.get_args(t)
+            if isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                return list(value)
+            continue
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
@@ -225,8 +250,11 @@ def _coerce(value, key: str):
 
 
 def build_unet(config: TrainConfig) -> MCVDUNet2DModel:
+    overrides = {key: getattr(config, key) for key in ("patch_size", "block_out_channels")
+                 if getattr(config, key) is not None}
     return MCVDUNet2DModel.from_preset(
         config.preset,
+        **overrides,
         sample_size=config.image_size,
         num_past_frames=config.num_past_frames,
         num_current_frames=config.num_current_frames,
@@ -343,14 +371,17 @@ def write_sample_gif(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, validation
     return comparison_gif(path, past.cpu(), current.cpu(), {"prediction": video.cpu()})
 
 
-def save_pipeline(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, destination: Path, info: dict) -> Path:
-    """Saves a pipeline (safetensors) that samples well out of the box, with its model card; atomically."""
+def save_pipeline(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, destination: Path, info: dict,
+                  sampler_spec: str = EXPORT_SAMPLER) -> Path:
+    """Saves a pipeline (safetensors) that samples well out of the box, with its model card; atomically.
+    It ships with the sampler ``sampler_spec`` (NAME:STEPS): its scheduler, and STEPS as the default."""
     destination = Path(destination)
     tmp = destination.with_name(f".{destination.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    name, steps = parse_sampler(EXPORT_SAMPLER)
+    name, steps = parse_sampler(sampler_spec)
     sampler = make_sampler(name, scheduler.config)
-    MCVDPipeline(unet=unet, scheduler=sampler).save_pretrained(tmp)
+    MCVDPipeline(unet=unet, scheduler=sampler, default_num_inference_steps=steps).save_pretrained(
+        tmp, max_shard_size=MAX_SHARD_SIZE)
     info = {**info, "scheduler": f"{type(sampler).__name__} ({name})", "num_inference_steps": steps}
     write_model_card(tmp, info, info["config"].get("hub_model_id") or str(destination))
     replace_dir(tmp, destination)
@@ -403,6 +434,15 @@ def check_resume_compatible(saved: dict, config: TrainConfig, checkpoint: Path) 
                          f"{sorted(RESUMABLE_CHANGES)}")
 
 
+def training_info(config: TrainConfig, data_source: str, step: int, num_processes: int, history: dict,
+                  weights_step: int, val_loss: float | None) -> dict:
+    """What an exported pipeline records of its training (training_info.json, the model card)."""
+    samples_seen = step * config.batch_size * config.gradient_accumulation_steps * num_processes
+    return {"config": config.to_dict(), "data_source": data_source, "steps": step, "num_processes": num_processes,
+            "samples_seen": samples_seen, "final_loss": history["train_loss"], "weights_step": weights_step,
+            "val_loss": val_loss, "train_seconds": history.get("train_seconds"), "commands": history.get("commands", [])}
+
+
 def _rank_seed(seed: int, process_index: int) -> int:
     return (seed << 16) + process_index  # one data-and-noise stream per process
 
@@ -411,8 +451,9 @@ def _hparams(config: TrainConfig) -> dict:
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.to_dict().items()}
 
 
-def train(config: TrainConfig) -> Path:
-    """Trains (or resumes) a run and returns the folder of the exported pipeline (EMA weights)."""
+def train(config: TrainConfig, command: str | None = None) -> Path:
+    """Trains (or resumes) a run and returns the folder of the exported pipeline (EMA weights).
+    ``command``: the command line that started it, recorded in the model card (train_mcvd.py passes it)."""
     config.validate()
     # Refuse a precision the device cannot run before Accelerate fixes its process-wide state.
     # (cpu= as Accelerator reads it: a PartialState made without it would pin a CPU run to one process.)
@@ -442,7 +483,8 @@ def train(config: TrainConfig) -> Path:
     set_seed(config.seed)
     unet = build_unet(config)
     parameter_names = [name for name, _ in unet.named_parameters()]
-    scheduler = make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps)
+    scheduler = make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps,
+                                     config.noise_shift)
     train_digits = load_mnist("train", root=config.mnist_root)
     train_fingerprint = digits_fingerprint(train_digits.images)  # a resumed run must draw the same digits
     saved = read_trainer_state(resume) if resume is not None else None
@@ -503,15 +545,17 @@ def train(config: TrainConfig) -> Path:
             ema.restore(model.parameters())
 
     def info(weights_step: int, val_loss: float | None) -> dict:
-        return {"config": config.to_dict(), "data_source": train_digits.source, "steps": step,
-                "num_processes": accelerator.num_processes,
-                "samples_seen": step * config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes,
-                "final_loss": history["train_loss"], "weights_step": weights_step, "val_loss": val_loss}
+        history["train_seconds"] = seconds_before + time.perf_counter() - started
+        return training_info(config, train_digits.source, step, accelerator.num_processes, history, weights_step,
+                             val_loss)
 
     samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     progress = tqdm(total=config.max_steps, initial=step, desc="train", disable=not is_main)
     running, micro_batches, grad_norm = torch.zeros((), device=device), 0, None
     logged_step, logged_time = step, time.perf_counter()
+    # wall time and commands over every start of the run (resumes add theirs), for the model card
+    seconds_before = history.get("train_seconds") or 0.0
+    history["commands"] = history.get("commands", []) + ([command] if command else [])
     started = time.perf_counter()
     while step < config.max_steps:
         unet.train()
@@ -564,11 +608,13 @@ def train(config: TrainConfig) -> Path:
             if history["best"] is None or val_loss < history["best"]["loss"]:
                 history["best"] = {"step": step, "loss": val_loss}
                 if is_main:
-                    with_ema_weights(lambda: save_pipeline(model, scheduler, out / "best", info(step, val_loss)))
+                    with_ema_weights(lambda: save_pipeline(model, scheduler, out / "best", info(step, val_loss),
+                                                           config.export_sampler))
         if sample and is_main:
             gif = out / "samples" / f"step-{step:07d}.gif"
             with_ema_weights(lambda: write_sample_gif(model, scheduler, validation, config, gif))
         if checkpoint:
+            history["train_seconds"] = seconds_before + time.perf_counter() - started
             trainer_state = {"config": config.to_dict(), "data_source": train_digits.source,
                              "train_digits": train_fingerprint,
                              "lr_schedule": lr_schedule.state_dict(), "history": history}
@@ -588,7 +634,8 @@ def train(config: TrainConfig) -> Path:
                                    **info(best["step"], best["loss"])}, config.hub_model_id or str(pipeline_dir))
             replace_dir(tmp, pipeline_dir)
         else:
-            with_ema_weights(lambda: save_pipeline(model, scheduler, pipeline_dir, info(step, None)))
+            with_ema_weights(lambda: save_pipeline(model, scheduler, pipeline_dir, info(step, None),
+                                                   config.export_sampler))
         summary = {**info(best["step"] if best else step, best["loss"] if best else None),
                    "validations": history["validations"], "seconds": time.perf_counter() - started,
                    "device": str(device), "data_seeds": [_rank_seed(config.seed, r)
@@ -602,25 +649,25 @@ def train(config: TrainConfig) -> Path:
     return pipeline_dir
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, destination: str | os.PathLike) -> Path:
-    """Exports a training checkpoint's EMA weights as a pipeline folder with its model card."""
+def export_checkpoint(checkpoint: str | os.PathLike, destination: str | os.PathLike,
+                      export_sampler: str | None = None) -> Path:
+    """Exports a training checkpoint's EMA weights as a pipeline folder with its model card, shipping
+    with ``export_sampler`` (NAME:STEPS; default: the one of the checkpoint's config)."""
     checkpoint = Path(checkpoint)
     state = read_trainer_state(checkpoint)
-    config = TrainConfig.from_dict(state["config"])
+    values = state["config"] if export_sampler is None else {**state["config"], "export_sampler": export_sampler}
+    config = TrainConfig.from_dict(values)
     unet = build_unet(config)
     weights = read_ema_weights(checkpoint)
-    missing = sorted(set(dict(unet.named_parameters())) - set(weights))
-    if missing:
-        raise ValueError(f"{checkpoint}: the EMA weights lack {missing[:3]}... for the {config.preset} preset")
+    if set(weights) != set(dict(unet.named_parameters())):
+        raise ValueError(f"{checkpoint}: its EMA weights do not match the {config.preset} preset of its own config")
     unet.load_state_dict(weights)
-    scheduler = make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps)
+    scheduler = make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps,
+                                     config.noise_shift)
     history, step = state["history"], state["step"]
     val = next((v["loss"] for v in history["validations"] if v["step"] == step), None)
-    info = {"config": config.to_dict(), "data_source": state["data_source"], "steps": step,
-            "num_processes": state["num_processes"],
-            "samples_seen": step * config.batch_size * config.gradient_accumulation_steps * state["num_processes"],
-            "final_loss": history["train_loss"], "weights_step": step, "val_loss": val}
-    return save_pipeline(unet, scheduler, Path(destination), info)
+    info = training_info(config, state["data_source"], step, state["num_processes"], history, step, val)
+    return save_pipeline(unet, scheduler, Path(destination), info, config.export_sampler)
 
 
 def load_config_file(path: str | os.PathLike) -> dict:

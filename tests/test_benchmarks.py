@@ -68,3 +68,32 @@ def test_bad_arguments(script, args, message):
     result = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args, "--device", "cpu"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_recipe_search_trains_candidates_at_equal_cpu_time(tmp_path):
+    out = tmp_path / "search.json"
+    result = subprocess.run([sys.executable, "benchmarks/recipe_search.py", "--candidates", "p4-x0", "tiny-v",
+                             "--minutes", "0.02", "--val-clips", "2", "--sampler", "ddim:2", "--mnist-root", "bundled",
+                             "--out-dir", str(tmp_path / "runs"), "--out", str(out), "--curves",
+                             str(tmp_path / "curves.png")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(out.read_text())
+    results = {r["name"]: r for r in payload["results"]}
+    assert set(results) == {"p4-x0", "tiny-v"} and payload["copy_last"]["mse"] > 0
+    assert results["p4-x0"]["config"]["patch_size"] == 4 and results["tiny-v"]["config"]["preset"] == "tiny"
+    for r in results.values():
+        assert len(r["curve"]) == 4 and r["curve"][-1]["minutes"] >= 0.02 and r["steps"] >= 1
+        assert [p["minutes"] for p in r["curve"]] == sorted(p["minutes"] for p in r["curve"])
+    assert (tmp_path / "curves.png").stat().st_size > 0 and "copy-last" in result.stdout
+
+
+def test_sampler_steps_of_the_shipped_model_on_validation_clips(tmp_path):
+    out = tmp_path / "steps.json"
+    result = subprocess.run([sys.executable, "benchmarks/bench_sampler_steps.py", "--model",
+                             "checkpoints/mmnist-5to10", "--samplers", "ddim:3", "--val-clips", "3", "--samples", "1",
+                             "--mnist-root", "bundled", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    copy_last, ddim = json.loads(out.read_text())["rows"]
+    assert copy_last["sampler"] == "copy last frame" and ddim["sampler"] == "ddim:3" and ddim["seconds_batch1"] > 0
+    assert ddim["mse"] < copy_last["mse"]  # the shipped model predicts, even with 3 steps

@@ -43,7 +43,9 @@ def test_train_then_evaluate_writes_a_gif_and_metrics(tmp_path):
         (["train_mcvd.py", "--config", "configs/missing.yaml"], "not found"),
         (["eval_mcvd.py", "--model", "nowhere/at/all", "--out", "x"], "not a folder holding a saved MCVDPipeline"),
         (["train_mcvd.py", "--export", "runs/none/checkpoint-1", "--to", "x"], "not a training checkpoint"),
-        (["train_mcvd.py", "--push", "runs/none/pipeline"], "uploading needs --hub_model_id"),
+        (["train_mcvd.py", "--push", "runs/none/pipeline"], "push_to_hub needs hub_model_id"),
+        (["train_mcvd.py", "--push", "runs/none/pipeline", "--hub_model_id", "u/m", "--max_steps", "3"],
+         "take only --hub_model_id and --hub_private"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message):

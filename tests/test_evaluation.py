@@ -163,3 +163,40 @@ def test_corrupt_model_and_bad_test_file_fail_before_any_sampling(model_dir, tmp
     np.save(tmp_path / "bad.npy", np.zeros((1001, 20, 64, 64), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"\(20, N, 64, 64\)"):
         evaluate(config(model_dir, tmp_path / "b", test_set="official", test_file=str(tmp_path / "bad.npy")))
+
+
+def test_shipped_sampler_row_is_the_pipelines_own(model_dir, tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    from mcvd_diffusers import make_sampler
+
+    unet = MCVDPipeline.from_pretrained(model_dir).unet
+    shipped = tmp_path / "shipped"
+    MCVDPipeline(unet=unet, scheduler=make_sampler("ddim", make_noise_scheduler().config),
+                 default_num_inference_steps=2).save_pretrained(shipped)
+    record = evaluate(config(shipped, tmp_path / "out", samplers=["shipped"], num_clips=2, timing=False))
+    assert record["shipped_sampler"] == "ddim:2" and "ddim:2" in record["rows"]
+    assert "| ddim:2 (shipped) | 2 |" in (tmp_path / "out" / "summary.md").read_text()
+
+    other = tmp_path / "euler"
+    MCVDPipeline(unet=unet, scheduler=EulerDiscreteScheduler.from_config(make_noise_scheduler().config)
+                 ).save_pretrained(other)
+    with pytest.raises(ValueError, match="ships with EulerDiscreteScheduler, which is none of the named samplers"):
+        evaluate(config(other, tmp_path / "out2", samplers=["shipped"]))
+
+
+def test_cache_key_is_the_same_in_every_process(model_dir):
+    """The key of a dpm++ result must not depend on Python's per-process hash seed (PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from mcvd_diffusers import MCVDPipeline, make_sampler; "
+              "from mcvd_diffusers.evaluation import EvalConfig, _cache_key; "
+              "pipe = MCVDPipeline.from_pretrained(sys.argv[1]); "
+              "pipe.scheduler = make_sampler('dpm++', pipe.scheduler.config); "
+              "print(_cache_key(EvalConfig(model=sys.argv[1], out='x'), pipe, {'name': 'generated'}, "
+              "dict(pipe.scheduler.config), 20))")
+    keys = {subprocess.run([sys.executable, "-c", script, str(model_dir)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(keys) == 1 and len(keys.pop()) == 64

@@ -91,3 +91,62 @@ def test_paper_preset_is_close_to_the_reproduction_network():
     # which also counted layers we do not know of); see README for the comparison.
     assert 30e6 < params < 50e6
     assert unet.config.dropout == 0.1 and unet.config.in_channels == 15
+
+
+def test_patched_model_is_a_unet_on_pixel_unshuffled_frames(tmp_path):
+    """patch_size=2: the UNet sees each 2x2 block of every frame as channels, at half the resolution."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    unet = small(patch_size=2)
+    assert unet.config.in_channels == (2 + 3) * 4 and unet.config.out_channels == 3 * 4
+    keys = inspect.signature(UNet2DModel.__init__).parameters
+    plain = UNet2DModel(**{k: v for k, v in unet.config.items() if k in keys})
+    plain.load_state_dict(unet.state_dict())
+    x, past = torch.randn(2, 3, 1, 32, 32), torch.randn(2, 2, 1, 32, 32)
+    with torch.no_grad():
+        ours = unet(x, torch.tensor([5, 700]), past_frames=past).sample
+        stacked = torch.nn.functional.pixel_unshuffle(torch.cat([past, x], 1).flatten(1, 2), 2)
+        theirs = torch.nn.functional.pixel_shuffle(plain.eval()(stacked, torch.tensor([5, 700])).sample, 2)
+    torch.testing.assert_close(ours, theirs.view(ours.shape))
+
+    unet.save_pretrained(tmp_path)
+    loaded = MCVDUNet2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.patch_size == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 3, past).sample, unet(x, 3, past).sample)
+
+
+def test_configs_saved_before_patch_size_load_unpatched(tmp_path):
+    import json
+
+    unet = small()
+    unet.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["patch_size"]  # as saved by versions without it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = MCVDUNet2DModel.from_pretrained(tmp_path)
+    assert loaded.config.patch_size == 1 and loaded.config.in_channels == 5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(sample_size=30), r"frames of size 30 do not fit patch_size=1 with 3 UNet levels: .* multiple of .* = 4"),
+        (dict(patch_size=4, sample_size=40), r"frames of size 40 do not fit patch_size=4 .* = 16"),
+        (dict(patch_size=32), r"frames of size 64 do not fit patch_size=32 .* = 128"),
+        (dict(patch_size=0), "patch_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_patch_sizes_that_leave_no_grid_are_refused_at_build(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MCVDUNet2DModel.from_preset("tiny", **overrides)
+
+
+def test_cpu_preset_runs_at_half_resolution():
+    unet = MCVDUNet2DModel.from_preset("cpu")
+    assert unet.config.patch_size == 2 and unet.config.sample_size == 64
+    with torch.no_grad():
+        out = unet(torch.randn(1, 10, 1, 64, 64), 999, past_frames=torch.rand(1, 5, 1, 64, 64)).sample
+    assert out.shape == (1, 10, 1, 64, 64) and torch.isfinite(out).all()

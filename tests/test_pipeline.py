@@ -127,6 +127,7 @@ def test_interpolation_uses_future_frames():
         ([[0.5]], {}, "torch.Tensor or numpy array"),
         (torch.rand(2, 2, 32, 32), {"generator": [torch.Generator()]}, "1 generators for a batch of 2"),
         (torch.rand(1, 2, 32, 32), {"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+        (torch.rand(1, 2, 32, 32), {"num_inference_steps": 2.0}, "num_inference_steps must be an integer >= 1"),
         (torch.rand(1, 2, 32, 32), {"num_frames": 0}, "num_frames must be an integer >= 1"),
         (torch.rand(1, 2, 32, 32), {"output_type": "latent"}, "output_type must be one of"),
         (torch.rand(1, 2, 32, 32), {"batch_size": 4}, "batch_size=4 but past_frames holds 1"),
@@ -189,3 +190,36 @@ def test_missing_or_corrupt_files_give_clear_errors(tiny_pipe, tmp_path):
     (tmp_path / "ok" / "model_index.json").write_text("{not json")
     with pytest.raises(ValueError, match="model_index.json is corrupt"):
         MCVDPipeline.from_pretrained(tmp_path / "ok")
+
+
+def test_a_saved_pipeline_keeps_its_default_step_count(tiny_pipe, past, tmp_path):
+    """pipe(past) with no step count uses the count the pipeline was saved with (numpy integers welcome)."""
+    pipe = MCVDPipeline(unet=tiny_pipe.unet, scheduler=make_sampler("ddim", tiny_pipe.scheduler.config),
+                        default_num_inference_steps=3)
+    pipe.save_pretrained(tmp_path)
+    loaded = MCVDPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.default_num_inference_steps == 3
+    calls = []
+    loaded.unet.register_forward_hook(lambda *args: calls.append(1))
+    default = loaded(past, generator=gen()).frames
+    assert len(calls) == 3
+    torch.testing.assert_close(default, loaded(past, num_inference_steps=np.int64(3), generator=gen()).frames,
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="default_num_inference_steps must be an integer >= 1, got 0"):
+        MCVDPipeline(unet=tiny_pipe.unet, scheduler=tiny_pipe.scheduler, default_num_inference_steps=0)
+
+
+def test_noise_shift_divides_every_snr_and_travels_with_the_scheduler_config():
+    from mcvd_diffusers import make_noise_scheduler
+
+    base = make_noise_scheduler(prediction_type="sample")
+    shifted = make_noise_scheduler(prediction_type="sample", noise_shift=2.0)
+    snr = lambda s: s.alphas_cumprod.double() / (1 - s.alphas_cumprod.double())  # noqa: E731
+    torch.testing.assert_close(snr(base) / snr(shifted), torch.full((1000,), 4.0, dtype=torch.float64), rtol=1e-3,
+                               atol=0)
+    for name in ("ddim", "dpm++", "unipc"):  # every sampler built from the config shares the shifted schedule
+        torch.testing.assert_close(make_sampler(name, shifted.config).alphas_cumprod, shifted.alphas_cumprod)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="noise_shift must be a finite number > 0"):
+            make_noise_scheduler(noise_shift=bad)

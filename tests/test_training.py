@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from mcvd_diffusers import MCVDPipeline, make_noise_scheduler
 from mcvd_diffusers.checkpointing import list_checkpoints
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
+from mcvd_diffusers.hub import push_to_hub
 from mcvd_diffusers.lr_schedules import make_lr_schedule
 from mcvd_diffusers.masking import draw_keep_mask
 from mcvd_diffusers.training import (TrainConfig, ValidationSet, export_checkpoint, min_snr_weights, parse_overrides,
@@ -81,6 +82,16 @@ def test_config_rejects_unknown_keys_and_bad_values():
         ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
         ({"min_snr_gamma": 0.0}, "min_snr_gamma must be > 0"),
         ({"checkpoints_total_limit": 0}, "checkpoints_total_limit must be >= 1"),
+        ({"export_sampler": "ddim:0"}, "export_sampler must be NAME:STEPS"),
+        ({"patch_size": 0}, "patch_size must be >= 1"),
+        ({"preset": "cpu", "image_size": 40}, r"image_size must be >= 28 and a multiple of 16 \(patch_size 4 x 2\^2"),
+        ({"patch_size": 8, "image_size": 48}, r"a multiple of 32 \(patch_size 8 x 2\^2: the tiny preset runs on a grid "
+                                               r"of image_size/8"),
+        ({"block_out_channels": [16, 32]}, "block_out_channels must list 3 positive widths"),
+        ({"block_out_channels": [16, 0, 32]}, "block_out_channels must list 3 positive widths"),
+        ({"block_out_channels": [16, 32, 6.5]}, "'block_out_channels' expects"),
+        ({"noise_shift": 0.0}, "noise_shift must be a finite number > 0"),
+        ({"noise_shift": float("inf")}, "noise_shift must be a finite number > 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             TrainConfig.from_dict(bad)
@@ -92,6 +103,10 @@ def test_command_line_overrides_are_typed():
          "--min_snr_gamma", "5"]))
     assert (config.max_steps, config.learning_rate, config.mnist_root) == (7, 1e-3, None)
     assert (config.push_to_hub, config.hub_model_id, config.min_snr_gamma) == (True, "u/m", 5.0)
+    config = TrainConfig.from_dict(parse_overrides(["--block_out_channels", "[8, 16, 32]", "--patch_size", "2",
+                                                    "--noise_shift", "2", "--export_sampler", "dpm++:12"]))
+    assert (config.block_out_channels, config.patch_size, config.noise_shift) == ([8, 16, 32], 2, 2.0)
+    assert config.export_sampler == "dpm++:12"
     with pytest.raises(ValueError, match="expected --key value"):
         parse_overrides(["max_steps", "7"])
 
@@ -100,8 +115,9 @@ def test_shipped_configs_are_valid():
     from mcvd_diffusers.training import load_config_file
 
     configs = {name: TrainConfig.from_dict(load_config_file(REPO / "configs" / f"{name}.yaml"))
-               for name in ("tiny", "paper", "fast")}
+               for name in ("tiny", "paper", "fast", "cpu")}
     assert configs["paper"].preset == "paper" and configs["paper"].batch_size == 64
+    assert configs["cpu"].prediction_type == "sample" and configs["cpu"].mixed_precision == "bf16"
     assert configs["fast"].preset == "fast" and configs["tiny"].mnist_root == "bundled"
 
 
@@ -295,6 +311,16 @@ def test_export_on_demand_and_fake_hub_upload(uninterrupted, tmp_path, monkeypat
     assert all(torch.equal(p, ema[name]) for name, p in pipe.unet.named_parameters())
     card = (folder / "README.md").read_text()
     assert "EMA weights of step 4" in card and "bundled MNIST sample" in card
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.config.default_num_inference_steps == 50
+    assert "minutes of training wall time" in card and "command(s): not recorded (the Python API)" in card
+
+    # another sampler on demand: its scheduler and default step count travel with the folder
+    other = MCVDPipeline.from_pretrained(export_checkpoint(uninterrupted / "checkpoints" / "checkpoint-4",
+                                                           tmp_path / "export-dpm", export_sampler="dpm++:7"))
+    assert type(other.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert other.config.default_num_inference_steps == 7 and other.scheduler.config.thresholding
+    with pytest.raises(ValueError, match="export_sampler must be NAME:STEPS"):
+        export_checkpoint(uninterrupted / "checkpoints" / "checkpoint-4", tmp_path / "bad", export_sampler="ddim")
 
     from huggingface_hub import HfApi
 
@@ -311,13 +337,17 @@ def test_export_on_demand_and_fake_hub_upload(uninterrupted, tmp_path, monkeypat
                      "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]  # no raw checkpoints
     assert 'MCVDPipeline.from_pretrained("someone/mcvd-tiny")' in card and "# someone/mcvd-tiny" in card
 
+    with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
+        push_to_hub(tmp_path, "someone/mcvd-tiny")  # not a pipeline folder
+    (folder / "training_info.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no training_info.json: it was not exported by"):
+        push_to_hub(folder, "someone/mcvd-tiny")  # a pipeline saved by hand has no card to upload
+
     def offline(self, *args, **kwargs):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(HfApi, "create_repo", offline)
     with pytest.raises(RuntimeError, match="The export is kept; push it again with: python train_mcvd.py --push"):
-        from mcvd_diffusers.hub import push_to_hub
-
         push_to_hub(out / "pipeline", "someone/mcvd-tiny")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 # model_index.json names this module as the UNet's library; diffusers' loader then looks up
 # the base class ModelMixin in it to find the load method, so it must be importable from here.
@@ -39,16 +40,44 @@ PRESETS: dict[str, dict] = {
         attention_head_dim=64,
         dropout=0.1,
     ),
-    # A narrower network for short GPU budgets (the speed issue tunes it): attention
-    # only at 16 and 8 px, where it is cheap.
+    # Made for a 2-core CPU (benchmarks/recipe_search.py): the UNet runs at 16x16 on 4x4
+    # pixel-unshuffled frames, so a digit's 36-pixel trip over 10 frames spans 9 cells of a
+    # receptive field that covers the whole frame; attention at 4x4.
+    "cpu": dict(
+        patch_size=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,
+    ),
+    # Short GPU budgets, with the CPU recipe search's lessons: the UNet runs at 32x32 on 2x2
+    # pixel-unshuffled frames with twice the width per level (the same FLOPs per level as at
+    # 64x64 with half the width, in wider matmuls that suit a GPU); attention at 16x16 and 8x8.
     "fast": dict(
-        block_out_channels=(64, 128, 256, 256),
+        patch_size=2,
+        block_out_channels=(128, 256, 256, 256),
         layers_per_block=2,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=64,
     ),
 }
+
+
+def _check_grid(sample_size, patch_size: int, levels: int) -> None:
+    """The UNet halves its (H/patch, W/patch) grid levels-1 times: each side must divide evenly."""
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}")
+    sizes = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    step = patch_size * 2 ** (levels - 1)
+    for size in sizes:
+        if size < 1 or size % step:
+            raise ValueError(
+                f"frames of size {size} do not fit patch_size={patch_size} with {levels} UNet levels: the size must "
+                f"be a multiple of patch_size x 2^{levels - 1} = {step} (the grid of {size}/{patch_size} is halved "
+                f"{levels - 1} times)"
+            )
 
 
 class MCVDUNet2DModel(UNet2DModel):
@@ -63,6 +92,9 @@ class MCVDUNet2DModel(UNet2DModel):
             the past / future block by zeros (MCVD's masking). A model can generate without
             past frames only if it was trained with ``prob_mask_past > 0``, and ignore its
             future slots only if ``prob_mask_future > 0``.
+        patch_size: the UNet runs on frames pixel-unshuffled by this factor (space-to-depth: an
+            HxW frame becomes (H/p)x(W/p) with p*p times the channels) and its output is
+            pixel-shuffled back; 1 runs it at full resolution.
         in_channels / out_channels: derived from the layout; leave them None.
     """
 
@@ -75,6 +107,7 @@ class MCVDUNet2DModel(UNet2DModel):
         frame_channels: int = 1,
         prob_mask_past: float = 0.0,
         prob_mask_future: float = 0.0,
+        patch_size: int = 1,
         sample_size: int = 64,
         in_channels: int | None = None,
         out_channels: int | None = None,
@@ -112,11 +145,12 @@ class MCVDUNet2DModel(UNet2DModel):
         for name, p in (("prob_mask_past", prob_mask_past), ("prob_mask_future", prob_mask_future)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
-        expected_in = (num_past_frames + num_current_frames + num_future_frames) * frame_channels
-        expected_out = num_current_frames * frame_channels
+        _check_grid(sample_size, patch_size, len(block_out_channels))
+        expected_in = (num_past_frames + num_current_frames + num_future_frames) * frame_channels * patch_size**2
+        expected_out = num_current_frames * frame_channels * patch_size**2
         if in_channels not in (None, expected_in) or out_channels not in (None, expected_out):
             raise ValueError(
-                f"in_channels/out_channels follow from the frame layout ({expected_in}/{expected_out}); "
+                f"in_channels/out_channels follow from the frame layout and patch size ({expected_in}/{expected_out}); "
                 f"got {in_channels}/{out_channels}. Leave them None."
             )
         super().__init__(
@@ -244,6 +278,12 @@ class MCVDUNet2DModel(UNet2DModel):
             current,
             self._condition(future_frames, cfg.num_future_frames, "future_frames", current, keep_future),
         ]
-        out = super().forward(torch.cat(blocks, dim=1), timestep, class_labels=class_labels, return_dict=False)[0]
-        out = out.view(sample.shape)
+        patch = cfg.patch_size
+        net_input = torch.cat(blocks, dim=1)
+        if patch > 1:
+            net_input = F.pixel_unshuffle(net_input, patch)
+        out = super().forward(net_input, timestep, class_labels=class_labels, return_dict=False)[0]
+        if patch > 1:
+            out = F.pixel_shuffle(out, patch)
+        out = out.reshape(sample.shape)
         return UNet2DOutput(sample=out) if return_dict else (out,)

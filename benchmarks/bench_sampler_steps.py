@@ -1,0 +1,81 @@
+"""How many sampling steps does a trained pipeline need? Quality and batch-1 latency per sampler.
+
+usage: python benchmarks/bench_sampler_steps.py --model checkpoints/mmnist-5to10
+           [--samplers ddim:5 ddim:10 ddim:20 ddim:50 dpm++:10 dpm++:20] [--val-clips 64] [--samples 2]
+           [--mnist-root DIR] [--precision fp32] [--out FILE.json]
+
+The clips come from MNIST *validation* digits, drawn as training validates (the pipeline's own
+training config, training_info.json), never from the test set: a shipped step count chosen here
+is not tuned on the test clips. Latency: one 10-frame prediction at batch 1 (median of 3 runs after
+a warm-up), on this machine's threads.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from common import environment, median_seconds, print_table, score, write_json
+
+from mcvd_diffusers import MCVDPipeline
+from mcvd_diffusers.data.mnist import load_mnist
+from mcvd_diffusers.evaluation import copy_last_frame
+from mcvd_diffusers.metrics import FrameMetrics
+from mcvd_diffusers.runtime import autocast
+from mcvd_diffusers.schedulers import make_sampler, parse_sampler
+from mcvd_diffusers.training import TrainConfig, ValidationSet
+
+METRICS = ("mse", "ssim", "ssim_binarized", "lpips_alex")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a pipeline folder exported by train_mcvd.py")
+    parser.add_argument("--samplers", nargs="+", default=["ddim:5", "ddim:10", "ddim:20", "ddim:50", "dpm++:10",
+                                                           "dpm++:20"])
+    parser.add_argument("--val-clips", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=2, help="samples per clip")
+    parser.add_argument("--mnist-root", default=None, help="MNIST folder (default: the training config's)")
+    parser.add_argument("--precision", default="fp32", help="autocast for the UNet: fp32 or bf16")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    for spec in args.samplers:
+        parse_sampler(spec)
+    if args.val_clips < 1 or args.samples < 1:
+        parser.error("--val-clips and --samples must be >= 1")
+    info_file = Path(args.model) / "training_info.json"
+    if not info_file.is_file():
+        parser.error(f"{args.model} has no training_info.json: this needs a pipeline exported by train_mcvd.py")
+    values = json.loads(info_file.read_text())["config"]
+    values.update(val_clips=args.val_clips, sample_clips=1)
+    if args.mnist_root:
+        values["mnist_root"] = args.mnist_root
+    config = TrainConfig.from_dict(values)
+
+    pipe = MCVDPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    unet, trained = pipe.unet.eval(), pipe.scheduler
+    clips = ValidationSet(load_mnist("val", root=config.mnist_root), unet, config).clips
+    frame_metrics = FrameMetrics(metrics=METRICS)
+    past, current, _ = unet.split_clip(clips)
+    rows = [{"sampler": "copy last frame", **{k: v.mean().item() for k, v in
+                                              frame_metrics(copy_last_frame(past, current.shape[1]), current).items()}}]
+    for spec in args.samplers:
+        name, steps = parse_sampler(spec)
+        with autocast(args.precision, "cpu"):
+            scores = score(unet, trained, clips, spec, frame_metrics, samples=args.samples)
+            timed = MCVDPipeline(unet=unet, scheduler=make_sampler(name, trained.config))
+            timed.set_progress_bar_config(disable=True)
+            latency = median_seconds(lambda: timed(past[:1], num_inference_steps=steps), torch.device("cpu"), 3)
+        rows.append({"sampler": spec, "steps": steps, "seconds_batch1": latency, **scores})
+        print(f"{spec}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k != "sampler"), flush=True)
+    print(f"{args.val_clips} validation clips x {args.samples} samples, {args.precision}, "
+          f"{torch.get_num_threads()} threads:")
+    print_table(rows, [("sampler", "sampler"), ("seconds_batch1", "s/video (batch 1)"), ("mse", "MSE"),
+                       ("ssim", "SSIM"), ("ssim_binarized", "SSIM bin"), ("lpips_alex", "LPIPS-alex")])
+    write_json(args.out, {"model": args.model, "val_clips": args.val_clips, "samples": args.samples,
+                          "precision": args.precision, "rows": rows, **environment(torch.device("cpu"))})
+
+
+if __name__ == "__main__":
+    main()
