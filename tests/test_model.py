@@ -144,9 +144,10 @@ def test_patch_sizes_that_leave_no_grid_are_refused_at_build(overrides, message)
         MCVDUNet2DModel.from_preset("tiny", **overrides)
 
 
-def test_cpu_preset_runs_at_half_resolution():
+def test_cpu_preset_runs_on_a_16x16_grid():
     unet = MCVDUNet2DModel.from_preset("cpu")
-    assert unet.config.patch_size == 2 and unet.config.sample_size == 64
+    assert unet.config.patch_size == 4 and unet.config.sample_size == 64
+    assert unet.config.in_channels == 15 * 16 and unet.config.out_channels == 10 * 16
     with torch.no_grad():
         out = unet(torch.randn(1, 10, 1, 64, 64), 999, past_frames=torch.rand(1, 5, 1, 64, 64)).sample
     assert out.shape == (1, 10, 1, 64, 64) and torch.isfinite(out).all()
