@@ -6,8 +6,9 @@ usage: python benchmarks/recipe_search.py [--minutes 5] [--threads 1] [--paralle
 
 Each candidate is a set of training-config keys (``TrainConfig``) over a common base. It trains in
 its own process on ``--threads`` threads for ``--minutes`` of training CPU time (the process's CPU
-time, so that candidates running side by side get equal compute; evaluation is not counted), drawing fresh clips from MNIST train digits as train_mcvd.py does, with AdamW, a 100-step
-warm-up then a constant LR, and EMA weights. At 1/4, 1/2, 3/4 and all of the budget the EMA weights
+time, so that candidates running side by side get equal compute; evaluation is not counted),
+drawing fresh clips from MNIST train digits as train_mcvd.py does, with AdamW, a 100-step warm-up
+then a constant LR, and EMA weights. At 1/4, 1/2, 3/4 and all of the budget the EMA weights
 predict the same ``--val-clips`` clips of MNIST *validation* digits (never the test clips) with a
 few-step sampler; MSE, raw and binarized SSIM and LPIPS-alex are scored next to copy-last-frame.
 ``--parallel`` candidates run at once (give each its own core: --threads 1 --parallel 2 on 2 cores).
@@ -179,14 +180,13 @@ def main():
     running: list[subprocess.Popen] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for name in todo:
-        while len(running) >= args.parallel:
-            running = [p for p in running if p.poll() is None] or running
+        while sum(p.poll() is None for p in running) >= args.parallel:
             time.sleep(2)
-            running = [p for p in running if p.poll() is None]
         command = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
         running.append(subprocess.Popen(command, env=env))
-    for p in running:
-        p.wait()
+    failed = [name for name, p in zip(todo, running) if p.wait() != 0]
+    if failed:
+        sys.exit(f"error: candidates {failed} failed (their errors are above); the others are in {out_dir}")
     results = [json.loads((out_dir / f"{name}.json").read_text()) for name in args.candidates
                if (out_dir / f"{name}.json").exists()]
     torch.set_num_threads(args.threads)
