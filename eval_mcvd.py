@@ -49,6 +49,10 @@ def main(argv=None) -> None:
         record = evaluate(config)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: samplers that finished are cached in {args.out}/cache; the same command resumes",
+              file=sys.stderr)
+        sys.exit(130)
     print(f"\n{record['eval_config']['num_clips']} clips, {record['data_source']}; device {record['device']}\n")
     print(summary_table(record))
     print(f"\nreport: {args.out}/report.html (also metrics.json, summary.md, per_clip.csv, curves.png, predictions.gif)")

@@ -15,7 +15,8 @@ can be set in the config file or overridden on the command line (--max_steps 500
 import argparse
 import sys
 
-from mcvd_diffusers.hub import push_to_hub
+from mcvd_diffusers.hub import HubUploadError, push_to_hub
+from mcvd_diffusers.interrupt import TrainingInterrupted
 from mcvd_diffusers.training import TrainConfig, export_checkpoint, load_config_file, parse_overrides, train
 
 
@@ -42,7 +43,10 @@ def main(argv=None) -> None:
                 print(f"exported {args.export} to {folder}")
             if args.push:
                 push = TrainConfig.from_dict({"push_to_hub": True, **options})  # typed and validated like a config
-                print(push_to_hub(args.push, push.hub_model_id, private=push.hub_private))
+                try:
+                    print(push_to_hub(args.push, push.hub_model_id, private=push.hub_private))
+                except HubUploadError as e:
+                    sys.exit(f"error: {e}")
             return
         values = load_config_file(args.config) if args.config else {}
         values.update(parse_overrides(overrides))
@@ -51,7 +55,11 @@ def main(argv=None) -> None:
         parser.error(str(e))
     try:
         train(config, command=" ".join(["python train_mcvd.py", *argv]))
-    except (ValueError, FileNotFoundError) as e:  # bad data, an incompatible resume, a run in the way
+    except TrainingInterrupted as e:  # SIGTERM or Ctrl-C: a checkpoint was saved
+        print(f"{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    # bad data, an incompatible resume, a run in the way, a full disk, a failed upload (the export is kept)
+    except (ValueError, FileNotFoundError, OSError, HubUploadError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -6,15 +6,21 @@ plus our own state, with no pickles: ``ema.safetensors`` (EMA weights), one
 ``generator_<rank>.safetensors`` per process (the data-and-noise generator), and
 ``trainer_state.json`` (step, config, LR schedule, EMA counters, validation history).
 
-It is written to ``.checkpoint-<step>.partial`` and renamed when complete, so a run killed
-while saving leaves the previous checkpoints intact and only complete ones are ever resumed.
+It is written to ``.checkpoint-<step>.partial``, flushed to disk (files, then folders) and
+renamed when complete, so a run killed or cut from power while saving leaves the previous
+checkpoints intact and only complete ones are ever resumed. ``trainer_state.json`` is the
+completion marker: written last, with the SHA-256 of every other file of the checkpoint, and
+removed first when a checkpoint is pruned. Resuming ``latest`` takes the newest checkpoint
+that verifies, and falls back, with a warning, past one that does not.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +28,9 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .integrity import (check_finite, check_tensor_names, explain_disk_full, fsync_dir, fsync_tree, sha256_file,
+                        write_json_durably)
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
@@ -42,27 +51,64 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(spec: str, checkpoints_dir: str | Path) -> Path | None:
-    """``"latest"`` -> the newest complete checkpoint (None when there is none); else a folder path."""
-    if spec == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not (path / STATE_FILE).is_file():
-        complete = [p.name for p in list_checkpoints(checkpoints_dir)]
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint ({STATE_FILE} is missing); "
-                                f"complete ones under {checkpoints_dir}: {complete}")
-    return path
+    """``"latest"`` -> the newest complete checkpoint that verifies (None when there is none; a newer one
+    that fails to verify is skipped with a warning naming both); else the folder ``spec``, verified."""
+    if spec != "latest":
+        path = Path(spec)
+        if not (path / STATE_FILE).is_file():
+            complete = [p.name for p in list_checkpoints(checkpoints_dir)]
+            raise FileNotFoundError(f"{path} is not a complete training checkpoint ({STATE_FILE} is missing); "
+                                    f"complete ones under {checkpoints_dir}: {complete}")
+        verify_checkpoint(path)
+        return path
+    found = list_checkpoints(checkpoints_dir)
+    failures = []
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            failures.append(f"{path.name}: {e}")
+            continue
+        if failures:
+            warnings.warn(f"resuming from {path} instead of the newer checkpoint(s) that failed to load: "
+                          + "; ".join(failures), stacklevel=2)
+        return path
+    if failures:
+        raise ValueError(f"no checkpoint under {checkpoints_dir} can be resumed: " + "; ".join(failures))
+    return None
+
+
+def remove_incomplete(checkpoints_dir: Path) -> list[Path]:
+    """Deletes what interrupted saves and prunes leave behind: ``.partial`` folders, set-aside ``.old``
+    ones and checkpoint folders without their completion marker. Returns what it removed."""
+    if not checkpoints_dir.is_dir():
+        return []
+    leftovers = [p for p in checkpoints_dir.iterdir() if p.is_dir() and (
+        p.name.endswith((".partial", ".old")) or (_NAME.match(p.name) and not (p / STATE_FILE).is_file()))]
+    for path in leftovers:
+        shutil.rmtree(path)
+    return leftovers
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Moves a finished folder into place. The rename is atomic; an existing ``final`` is set
+    """Moves a finished folder into place, durably. The rename is atomic; an existing ``final`` is set
     aside first and deleted after."""
+    fsync_tree(tmp)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def prune(checkpoint: Path) -> None:
+    """Deletes a checkpoint, its completion marker first: a kill half-way leaves an incomplete folder
+    (removed at the next start), never a half-deleted checkpoint that still looks complete."""
+    (checkpoint / STATE_FILE).unlink()
+    fsync_dir(checkpoint)
+    shutil.rmtree(checkpoint)
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, ema: EMAModel,
@@ -71,32 +117,97 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
     """Saves a checkpoint (every process calls this) and prunes the oldest beyond ``total_limit``."""
     final = checkpoints_dir / f"checkpoint-{step}"
     tmp = checkpoints_dir / f".checkpoint-{step}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    save_file({"state": generator.get_state()}, str(tmp / _generator_file(accelerator.process_index)))
-    if accelerator.is_main_process:
-        save_file({name: p.detach().cpu().contiguous() for name, p in zip(parameter_names, ema.shadow_params)},
-                  str(tmp / EMA_FILE))
-        ema_counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        state = {**trainer_state, "step": step, "ema": ema_counters, "num_processes": accelerator.num_processes}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks the folder complete
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        replace_dir(tmp, final)
-        if total_limit is not None:
-            for old in list_checkpoints(checkpoints_dir)[:-total_limit]:
-                shutil.rmtree(old)
+    with explain_disk_full(tmp):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        save_file({"state": generator.get_state()}, str(tmp / _generator_file(accelerator.process_index)))
+        if accelerator.is_main_process:
+            save_file({name: p.detach().cpu().contiguous() for name, p in zip(parameter_names, ema.shadow_params)},
+                      str(tmp / EMA_FILE))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ema_counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            state = {**trainer_state, "step": step, "ema": ema_counters, "num_processes": accelerator.num_processes,
+                     "files": files}
+            write_json_durably(tmp / STATE_FILE, state)  # written last: marks the folder complete
+            replace_dir(tmp, final)
+            if total_limit is not None:
+                for old in list_checkpoints(checkpoints_dir)[:-total_limit]:
+                    prune(old)
     accelerator.wait_for_everyone()
     return final
+
+
+_NUMBER = (int, float)
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_trainer_state(state, path: Path) -> dict:
+    """Checks the schema of a trainer_state.json; a ValueError names the first wrong entry."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a valid trainer state: it must be a JSON object, got {type(state).__name__}")
+    history = state.get("history")
+    checks = [
+        (_is_int(state.get("step"), 1), "'step' must be an integer >= 1"),
+        (isinstance(state.get("config"), dict), "'config' must be an object (the TrainConfig)"),
+        (isinstance(state.get("data_source"), str), "'data_source' must be a string"),
+        (isinstance(state.get("train_digits"), str), "'train_digits' must be a string"),
+        (isinstance(state.get("lr_schedule"), dict), "'lr_schedule' must be an object"),
+        (isinstance(state.get("ema"), dict), "'ema' must be an object"),
+        (_is_int(state.get("num_processes"), 1), "'num_processes' must be an integer >= 1"),
+        (isinstance(history, dict), "'history' must be an object"),
+        (isinstance(history, dict) and isinstance(history.get("validations"), list)
+         and all(isinstance(v, dict) and _is_int(v.get("step"), 1) and _is_number(v.get("loss"))
+                 for v in history["validations"]),
+         "'history.validations' must be a list of {step, loss}"),
+        (isinstance(history, dict) and (history.get("best") is None or (
+            isinstance(history["best"], dict) and _is_int(history["best"].get("step"), 1)
+            and _is_number(history["best"].get("loss")))), "'history.best' must be null or {step, loss}"),
+        (isinstance(history, dict) and (history.get("train_loss") is None or _is_number(history["train_loss"])),
+         "'history.train_loss' must be null or a number"),
+        ("files" not in state or (isinstance(state["files"], dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in state["files"].items())),
+         "'files' must map file names to SHA-256 digests"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{path} is not a valid trainer state: {message}")
+    return state
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """Reads and checks a checkpoint before anything is loaded: the trainer state's schema, its step
+    against the folder's name, and every file against the SHA-256 recorded when it was saved."""
+    checkpoint = Path(checkpoint)
+    state = read_trainer_state(checkpoint)
+    match = _NAME.match(checkpoint.name)
+    if match and int(match.group(1)) != state["step"]:
+        raise ValueError(f"{checkpoint / STATE_FILE} records step {state['step']}, but the folder is "
+                         f"{checkpoint.name}: one of them was edited or moved")
+    for name, digest in state.get("files", {}).items():  # checkpoints of older versions have no digests
+        path = checkpoint / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        if sha256_file(path) != digest:
+            raise ValueError(f"{path} is corrupt (its SHA-256 differs from the one recorded when it was saved)")
+    return state
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
     path = Path(checkpoint) / STATE_FILE
     try:
-        return json.loads(path.read_text())
+        return validate_trainer_state(json.loads(path.read_text()), path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{checkpoint} is not a training checkpoint: {STATE_FILE} is missing") from e
     except json.JSONDecodeError as e:
@@ -113,16 +224,28 @@ def read_ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupt or truncated ({e})") from e
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, ema: EMAModel, parameter_names: list[str],
-                    generator: torch.Generator) -> dict:
-    """Restores everything ``save_checkpoint`` wrote; returns the trainer state."""
-    state = read_trainer_state(checkpoint)
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, model: torch.nn.Module, ema: EMAModel,
+                    parameter_names: list[str], generator: torch.Generator) -> dict:
+    """Restores everything ``save_checkpoint`` wrote (``model``: the unwrapped model); returns the
+    trainer state. Tensors that are missing, unexpected or non-finite are refused before any is loaded."""
+    state = verify_checkpoint(checkpoint)
     if state["num_processes"] != accelerator.num_processes:
         raise ValueError(f"{checkpoint} was written by {state['num_processes']} processes; resume it with the same "
                          f"number (this run has {accelerator.num_processes}): each process has its own data stream")
     weights = read_ema_weights(checkpoint)
-    if sorted(weights) != sorted(parameter_names):
-        raise ValueError(f"{checkpoint}/{EMA_FILE} does not match the model: its parameters differ")
+    check_tensor_names(f"{checkpoint}/{EMA_FILE}", {k: tuple(v.shape) for k, v in weights.items()},
+                       {n: tuple(p.shape) for n, p in zip(parameter_names, ema.shadow_params)})
+    check_finite(f"{checkpoint}/{EMA_FILE}", weights)
+    model_file = Path(checkpoint) / "model.safetensors"  # Accelerate's copy of the trained weights
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file} is missing")
+    try:
+        saved = load_file(str(model_file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{model_file} is corrupt or truncated ({e})") from e
+    check_tensor_names(str(model_file), {k: tuple(v.shape) for k, v in saved.items()},
+                       {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    check_finite(str(model_file), saved)
     generator_path = Path(checkpoint) / _generator_file(accelerator.process_index)
     if not generator_path.is_file():
         raise FileNotFoundError(f"{checkpoint}: {generator_path.name} is missing")

@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,31 @@ def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 SHIPPED = "shipped"  # in --samplers: the pipeline's own scheduler at its default step count
+
+
+# What an evaluation writes into its folder; removed when a new evaluation starts, so that the outputs of
+# an earlier run never sit beside an interrupted one looking current. metrics.json is written last.
+OUTPUT_FILES = ("summary.md", "per_clip.csv", "curves.png", "predictions.gif", "report.html", "metrics.json")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device: cpu, cuda, cuda:N (default: cuda when available, else cpu); a clear error otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for, but no CUDA GPU is available here (torch "
+                             f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise ValueError(f"device {name!r} is not available here; use cpu")
+    return device
 
 
 def _validate(config: EvalConfig) -> None:
@@ -166,10 +193,12 @@ def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_
     weights = hashlib.sha256()
     for tensor in pipe.unet.state_dict().values():
         weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    # Everything that changes the numbers or the timings reused from the cache: the device and the
+    # timing settings (batch size, compile, precision) too, so that no reused timing is another machine's.
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("samplers", "out", "device",
-                                                                                "batch_size", "timing", "compile")}
-    key = {"weights": weights.hexdigest(), "config": fields, "test_set": {k: v for k, v in test_info.items()
-                                                                          if k != "path"},
+                                                                                "update_model_card")}
+    key = {"weights": weights.hexdigest(), "config": fields, "device": device_name(pipe.device),
+           "test_set": {k: v for k, v in test_info.items() if k != "path"},
            # diffusers' private config entries ("_use_default_values": a list in set order, which Python's
            # hash randomization reshuffles in every process) say nothing about what the sampler does
            "sampler": {k: v for k, v in sampler_config.items() if not k.startswith("_")}, "steps": steps,
@@ -195,8 +224,9 @@ def _load_cache(path: Path, key: str) -> dict | None:
             per_frame = {k[len("metric_"):]: torch.from_numpy(data[k]) for k in data.files if k.startswith("metric_")}
             return {"per_frame": per_frame, "gif": torch.from_numpy(data["gif"]),
                     "timing": json.loads(str(data["timing"]))}
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable: recompute
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:  # truncated, zeroed, edited
+        warnings.warn(f"{path} is unreadable ({type(e).__name__}: {e}); recomputing it", stacklevel=2)
+        return None
 
 
 def _git_commit() -> str | None:
@@ -210,7 +240,7 @@ def _git_commit() -> str | None:
 def evaluate(config: EvalConfig) -> dict:
     """Runs the protocol and writes every output into ``config.out``; returns what metrics.json holds."""
     _validate(config)  # names and numbers first, then files: all before any sampling
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(config.device)
     check_precision(config.precision, device)
     pipe = MCVDPipeline.from_pretrained(config.model)
     shipped = shipped_sampler(pipe)
@@ -238,6 +268,8 @@ def evaluate(config: EvalConfig) -> dict:
             maybe_compile(pipe.unet, lambda: pipe(past[:1], num_frames=config.num_frames, num_inference_steps=1))
     out = Path(config.out)
     (out / "cache").mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:  # an earlier run's results must not look like this run's if it is interrupted
+        (out / name).unlink(missing_ok=True)
 
     rows: dict[str, dict] = {}
     for label, prediction in ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames))):
@@ -343,7 +375,6 @@ def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Ten
     for row in json_record["rows"].values():  # per-clip values live in per_clip.csv
         for stats in row["metrics"].values():
             stats.pop("per_clip_mean_of_k"), stats.pop("per_clip_best_of_k")
-    (out / "metrics.json").write_text(json.dumps(json_record, indent=2))
     _write_per_clip_csv(out / "per_clip.csv", record)
     table = summary_table(record)
     (out / "summary.md").write_text(
@@ -359,6 +390,9 @@ def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Ten
         comparison_gif(out / "predictions.gif", past, future, predictions)
     write_report(out / "report.html", record, table, out / "curves.png",
                  out / "predictions.gif" if (out / "predictions.gif").exists() else None)
+    tmp = out / ".metrics.json.partial"
+    tmp.write_text(json.dumps(json_record, indent=2))
+    os.replace(tmp, out / "metrics.json")  # last: its presence says the evaluation finished
 
 
 def _write_per_clip_csv(path: Path, record: dict) -> None:

@@ -21,6 +21,10 @@ INFO_FILE = "training_info.json"
 _PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
 
 
+class HubUploadError(RuntimeError):
+    """An upload to the Hub failed (network, authentication, permissions); the local export is kept."""
+
+
 def _number(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
@@ -112,7 +116,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                           commit_message="Upload MCVDPipeline (mcvd-diffusers)")
     except Exception as e:  # network, auth and permission errors all come here; the export stays on disk
-        raise RuntimeError(f"uploading {folder} to the Hub repo {repo_id} failed ({type(e).__name__}: {e}). "
+        raise HubUploadError(f"uploading {folder} to the Hub repo {repo_id} failed ({type(e).__name__}: {e}). "
                            f"The export is kept; push it again with: python train_mcvd.py --push {folder} "
                            f"--hub_model_id {repo_id}") from e
     return str(url)

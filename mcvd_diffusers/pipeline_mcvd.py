@@ -19,9 +19,20 @@ from diffusers.video_processor import VideoProcessor
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
+from .integrity import check_finite, check_tensor_names, verify_checksums
 from .models.unet_mcvd import MCVDUNet2DModel
 
 OUTPUT_TYPES = ("pt", "np", "pil")
+# The diffusers schedulers this pipeline's loop drives exactly: given a UNet that predicts a known video
+# perfectly, each returns that video (tests/test_pipeline.py, for every prediction type). The loop passes
+# discrete timesteps t and scales inputs with scale_model_input; schedulers that hand the UNet sigma-space
+# noise levels (the EDM family, consistency models) would run on wrong timesteps, and DEIS, PNDM, SA-Solver
+# and TCD stop one step short of a clean sample (the last step's noise stays), so they are refused.
+SUPPORTED_SCHEDULERS = (
+    "DDPMScheduler", "DDPMParallelScheduler", "DDIMScheduler", "DDIMParallelScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "LCMScheduler",
+)
 
 
 @dataclass
@@ -50,12 +61,22 @@ def check_pipeline_folder(folder: str | os.PathLike) -> None:
     weights = sorted(f for f in os.listdir(unet_dir) if f.endswith(".safetensors"))
     if not weights:
         raise FileNotFoundError(f"{unet_dir} holds no .safetensors weight file (diffusion_pytorch_model.safetensors)")
+    verify_checksums(folder)  # exports record them; a folder without checksums.json skips this
+    found = {}
     for name in weights:
         try:
             with safe_open(os.path.join(unet_dir, name), framework="pt") as f:
-                f.keys()
+                found.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{os.path.join(unet_dir, name)} is corrupt or truncated ({e})") from e
+    with open(os.path.join(unet_dir, "config.json")) as f:
+        unet_config = json.load(f)
+    try:
+        with torch.device("meta"):  # names and shapes only: no memory, no initialization
+            expected = {k: tuple(v.shape) for k, v in MCVDUNet2DModel.from_config(unet_config).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{unet_dir}/config.json does not describe an MCVDUNet2DModel ({e})") from e
+    check_tensor_names(f"{unet_dir} (its weight files)", found, expected)
 
 
 def _is_count(value) -> bool:
@@ -87,6 +108,20 @@ class MCVDPipeline(DiffusionPipeline):
         self.video_processor = VideoProcessor(do_resize=False, do_normalize=True)
 
     @classmethod
+    def load_config(cls, *args, **kwargs):
+        """Reads model_index.json. An export's remote code (remote_code.py) names its own copies of the classes
+        there, for plain diffusers; this class loads with the classes it is defined with, running no folder code."""
+        result = super().load_config(*args, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = cls.__name__
+        for name, annotation in inspect.get_annotations(cls.__init__, eval_str=True).items():
+            entry = config.get(name)
+            if isinstance(entry, list) and len(entry) == 2 and entry[1] == getattr(annotation, "__name__", None):
+                config[name] = [annotation.__module__, entry[1]]
+        return result
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """Loads a local folder, or a Hub repo id: its snapshot is downloaded first, then loaded
         from disk, since diffusers cannot resolve this package's UNet class from the Hub itself."""
@@ -109,7 +144,9 @@ class MCVDPipeline(DiffusionPipeline):
                 ) from e
         check_pipeline_folder(path)
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(path, **kwargs)
+        pipe = super().from_pretrained(path, **kwargs)
+        check_finite(f"{path}/unet", pipe.unet.state_dict())
+        return pipe
 
     # ------------------------------------------------------------------ inputs
     def _to_model_frames(self, frames, name: str, count: int) -> torch.Tensor:
@@ -125,6 +162,8 @@ class MCVDPipeline(DiffusionPipeline):
             raise ValueError(
                 f"{name} must have shape (B, {count}, H, W) or (B, {count}, C, H, W), got {tuple(frames.shape)}"
             )
+        if frames.shape[0] == 0:
+            raise ValueError(f"{name} holds no videos (a batch of 0, shape {tuple(frames.shape)}); pass at least one")
         if frames.shape[1] != count:
             raise ValueError(f"{name} must hold {count} frames per video (this model's layout), got {frames.shape[1]}")
         if tuple(frames.shape[2:]) != (channels, height, width):
@@ -149,6 +188,10 @@ class MCVDPipeline(DiffusionPipeline):
 
     def check_inputs(self, past_frames, future_frames, num_frames, num_inference_steps, batch_size, output_type):
         cfg = self.unet.config
+        if type(self.scheduler).__name__ not in SUPPORTED_SCHEDULERS:
+            raise ValueError(f"{type(self.scheduler).__name__} is not supported by MCVDPipeline: it does not sample "
+                             f"this model's discrete-timestep diffusion exactly. Use one of {list(SUPPORTED_SCHEDULERS)}"
+                             ", e.g. DDIMScheduler.from_config(pipe.scheduler.config)")
         if not _is_count(num_inference_steps):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
         if not _is_count(num_frames):

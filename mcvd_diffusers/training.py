@@ -34,10 +34,13 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
-from .checkpointing import (list_checkpoints, load_checkpoint, read_ema_weights, read_trainer_state, replace_dir,
-                            resolve_checkpoint, save_checkpoint)
+from .checkpointing import (list_checkpoints, load_checkpoint, read_ema_weights, read_trainer_state, remove_incomplete,
+                            replace_dir, resolve_checkpoint, save_checkpoint, verify_checkpoint)
+from .integrity import check_finite, check_tensor_names, explain_disk_full, write_checksums
+from .interrupt import StopOnSignal, TrainingInterrupted
 from .data.mnist import MNISTDigits, load_mnist
 from .data.moving_mnist import MOTIONS, MovingMNIST, digits_fingerprint
 from .hub import push_to_hub, write_model_card
@@ -202,8 +205,28 @@ class TrainConfig:
             (not self.push_to_hub or bool(self.hub_model_id), "push_to_hub needs hub_model_id ('user/name')"),
         ]
         errors = [message for ok, message in checks if not ok]
+        # inf and NaN pass every comparison above that they should fail (inf > 0; NaN compares false both ways)
+        errors += [f"{f.name} must be a finite number, got {getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        errors += _output_dir_errors(self.output_dir)
+        if self.hub_model_id is not None:
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as e:
+                errors.append(f"hub_model_id {self.hub_model_id!r} is not a valid Hub repo id: {e}")
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))
+
+
+def _output_dir_errors(output_dir: str) -> list[str]:
+    """An output_dir that is, or lies inside, an existing file can never hold a run."""
+    path = Path(output_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                return [f"output_dir {output_dir} cannot be created: {candidate} is a file, not a folder"]
+            break
+    return []
 
 
 def _is_sampler(spec: str) -> bool:
@@ -380,11 +403,13 @@ def save_pipeline(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, destination: 
     shutil.rmtree(tmp, ignore_errors=True)
     name, steps = parse_sampler(sampler_spec)
     sampler = make_sampler(name, scheduler.config)
-    MCVDPipeline(unet=unet, scheduler=sampler, default_num_inference_steps=steps).save_pretrained(
-        tmp, max_shard_size=MAX_SHARD_SIZE)
-    info = {**info, "scheduler": f"{type(sampler).__name__} ({name})", "num_inference_steps": steps}
-    write_model_card(tmp, info, info["config"].get("hub_model_id") or str(destination))
-    replace_dir(tmp, destination)
+    with explain_disk_full(tmp):
+        MCVDPipeline(unet=unet, scheduler=sampler, default_num_inference_steps=steps).save_pretrained(
+            tmp, max_shard_size=MAX_SHARD_SIZE)
+        write_checksums(tmp)  # from_pretrained verifies them
+        info = {**info, "scheduler": f"{type(sampler).__name__} ({name})", "num_inference_steps": steps}
+        write_model_card(tmp, info, info["config"].get("hub_model_id") or str(destination))
+        replace_dir(tmp, destination)
     return destination
 
 
@@ -411,15 +436,33 @@ def _check_launch(accelerator: Accelerator) -> None:
                          f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {wanted} ...`")
 
 
-def _check_output_dir(config: TrainConfig, out: Path, resuming: bool) -> bool:
-    """Returns whether ``out`` must be emptied first; refuses to clobber another run."""
+RUN_MARKER = ".mcvd-run"  # written into every output_dir this project's training creates
+
+
+def _describe(folder: Path, limit: int = 6) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_output_dir(config: TrainConfig, out: Path, resuming: bool) -> str | None:
+    """Returns why ``out`` must be emptied first, or None. Only a folder this project's training created
+    (it holds RUN_MARKER) is ever emptied; anything else in the way is refused, naming what is there."""
     if resuming or not (out.exists() and any(out.iterdir())):
-        return False
-    if not config.overwrite:
-        hint = ("it has no complete checkpoint to resume" if config.resume_from_checkpoint
-                else "pass resume_from_checkpoint=latest to continue it")
-        raise ValueError(f"output_dir {out} already holds another run ({hint}); pass overwrite=true to replace it")
-    return True
+        return None
+    if not (out / RUN_MARKER).is_file():
+        raise ValueError(f"output_dir {out} is not empty and was not created by mcvd-diffusers training (no "
+                         f"{RUN_MARKER} marker); it holds: {_describe(out)}. It is never deleted: choose another "
+                         "output_dir, or empty it yourself")
+    if config.overwrite:
+        return f"overwrite=true: replacing the run in {out}"
+    if config.resume_from_checkpoint == "latest":
+        if (out / "pipeline").is_dir():
+            raise ValueError(f"output_dir {out} holds a finished run's pipeline/ but no checkpoint to resume; pass "
+                             "overwrite=true to replace that run, or choose another output_dir")
+        # killed before its first checkpoint (only logs, GIFs, best/ or a .partial): nothing to resume
+        return f"{out} holds no complete checkpoint to resume ({_describe(out)}): starting a fresh run there"
+    raise ValueError(f"output_dir {out} already holds another run ({_describe(out)}); pass "
+                     "resume_from_checkpoint=latest to continue it, or overwrite=true to replace it")
 
 
 def check_resume_compatible(saved: dict, config: TrainConfig, checkpoint: Path) -> None:
@@ -474,10 +517,11 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     if is_main:
         if clear:
+            accelerator.print(clear)
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        for leftover in checkpoints_dir.glob(".checkpoint-*.partial"):  # a save that was interrupted
-            shutil.rmtree(leftover)
+        (out / RUN_MARKER).write_text("an output_dir of mcvd-diffusers training: overwrite=true may delete it\n")
+        remove_incomplete(checkpoints_dir)  # saves and prunes that were interrupted
     accelerator.wait_for_everyone()
 
     set_seed(config.seed)
@@ -517,7 +561,7 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     history = {"validations": [], "best": None, "train_loss": None}
     step = 0
     if resume is not None:
-        state = load_checkpoint(accelerator, resume, ema, parameter_names, generator)
+        state = load_checkpoint(accelerator, resume, model, ema, parameter_names, generator)
         lr_schedule.load_state_dict(state["lr_schedule"])
         step, history = state["step"], state["history"]
         accelerator.print(f"resumed from {resume} at step {step}")
@@ -557,69 +601,82 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     seconds_before = history.get("train_seconds") or 0.0
     history["commands"] = history.get("commands", []) + ([command] if command else [])
     started = time.perf_counter()
-    while step < config.max_steps:
-        unet.train()
-        for _ in range(config.gradient_accumulation_steps):
-            with accelerator.accumulate(unet):
-                clip = data.sample(config.batch_size, generator)
-                with accelerator.autocast():
-                    loss = diffusion_loss(unet, scheduler, clip, generator, config.min_snr_gamma)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running += loss.detach()
-            micro_batches += 1
-        lr_schedule.step()
-        ema.step(model.parameters())
-        step += 1
-        progress.update()
-        last = step == config.max_steps
-        validate = config.validate_every > 0 and (step % config.validate_every == 0 or last)
-        checkpoint = (config.checkpoint_every > 0 and step % config.checkpoint_every == 0) or last
-        sample = config.sample_every > 0 and (step % config.sample_every == 0 or last)
 
-        if step % config.log_every == 0 or validate or checkpoint:
-            # Checked before anything is validated or saved: NaN weights never reach a checkpoint.
-            mean_loss = accelerator.reduce(running, "mean").item() / micro_batches
-            if not math.isfinite(mean_loss):
-                kept = list_checkpoints(checkpoints_dir)
-                raise FloatingPointError(
-                    f"the training loss became {mean_loss} between steps {logged_step} and {step}; stopped. "
-                    f"Last good checkpoint: {kept[-1] if kept else 'none'} (resume it with a lower learning_rate, "
-                    f"grad_clip, or bf16 instead of fp16)")
-            now = time.perf_counter()
-            history["train_loss"] = mean_loss
-            logs = {"train/loss": mean_loss, "train/lr": lr_schedule.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm), "train/samples_per_second":
-                    (step - logged_step) * samples_per_step / (now - logged_time)}
-            accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}")
-            running, micro_batches, logged_step, logged_time = torch.zeros((), device=device), 0, step, now
+    def save() -> Path:
+        history["train_seconds"] = seconds_before + time.perf_counter() - started
+        trainer_state = {"config": config.to_dict(), "data_source": train_digits.source,
+                         "train_digits": train_fingerprint, "lr_schedule": lr_schedule.state_dict(),
+                         "history": history}
+        return save_checkpoint(accelerator, checkpoints_dir, step, ema, parameter_names, generator, trainer_state,
+                               config.checkpoints_total_limit)
 
-        if validate:
-            val_loss = with_ema_weights(lambda: validation.loss(model, scheduler, accelerator, config.val_batch_size))
-            cut = lr_schedule.report(val_loss)
-            history["validations"].append({"step": step, "loss": val_loss})
-            accelerator.log({"val/loss": val_loss}, step=step)
-            if is_main:
-                tqdm.write(f"step {step}: validation loss {val_loss:.5f}" + (", learning rate cut" if cut else ""))
-            if history["best"] is None or val_loss < history["best"]["loss"]:
-                history["best"] = {"step": step, "loss": val_loss}
+    # SIGTERM / Ctrl-C: finish the step, save a checkpoint, stop (interrupt.py)
+    with StopOnSignal() as stop:
+        while step < config.max_steps:
+            unet.train()
+            for _ in range(config.gradient_accumulation_steps):
+                with accelerator.accumulate(unet):
+                    clip = data.sample(config.batch_size, generator)
+                    with accelerator.autocast():
+                        loss = diffusion_loss(unet, scheduler, clip, generator, config.min_snr_gamma)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running += loss.detach()
+                micro_batches += 1
+            lr_schedule.step()
+            ema.step(model.parameters())
+            step += 1
+            progress.update()
+            last = step == config.max_steps
+            validate = config.validate_every > 0 and (step % config.validate_every == 0 or last)
+            checkpoint = (config.checkpoint_every > 0 and step % config.checkpoint_every == 0) or last
+            sample = config.sample_every > 0 and (step % config.sample_every == 0 or last)
+
+            if step % config.log_every == 0 or validate or checkpoint:
+                # Checked before anything is validated or saved: NaN weights never reach a checkpoint.
+                mean_loss = accelerator.reduce(running, "mean").item() / micro_batches
+                if not math.isfinite(mean_loss):
+                    kept = list_checkpoints(checkpoints_dir)
+                    raise FloatingPointError(
+                        f"the training loss became {mean_loss} between steps {logged_step} and {step}; stopped. "
+                        f"Last good checkpoint: {kept[-1] if kept else 'none'} (resume it with a lower "
+                        f"learning_rate, grad_clip, or bf16 instead of fp16)")
+                now = time.perf_counter()
+                history["train_loss"] = mean_loss
+                logs = {"train/loss": mean_loss, "train/lr": lr_schedule.get_last_lr()[0],
+                        "train/grad_norm": float(grad_norm), "train/samples_per_second":
+                        (step - logged_step) * samples_per_step / (now - logged_time)}
+                accelerator.log(logs, step=step)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}")
+                running, micro_batches, logged_step, logged_time = torch.zeros((), device=device), 0, step, now
+
+            if validate:
+                val_loss = with_ema_weights(
+                    lambda: validation.loss(model, scheduler, accelerator, config.val_batch_size))
+                cut = lr_schedule.report(val_loss)
+                history["validations"].append({"step": step, "loss": val_loss})
+                accelerator.log({"val/loss": val_loss}, step=step)
                 if is_main:
-                    with_ema_weights(lambda: save_pipeline(model, scheduler, out / "best", info(step, val_loss),
-                                                           config.export_sampler))
-        if sample and is_main:
-            gif = out / "samples" / f"step-{step:07d}.gif"
-            with_ema_weights(lambda: write_sample_gif(model, scheduler, validation, config, gif))
-        if checkpoint:
-            history["train_seconds"] = seconds_before + time.perf_counter() - started
-            trainer_state = {"config": config.to_dict(), "data_source": train_digits.source,
-                             "train_digits": train_fingerprint,
-                             "lr_schedule": lr_schedule.state_dict(), "history": history}
-            save_checkpoint(accelerator, checkpoints_dir, step, ema, parameter_names, generator, trainer_state,
-                            config.checkpoints_total_limit)
+                    tqdm.write(f"step {step}: validation loss {val_loss:.5f}"
+                               + (", learning rate cut" if cut else ""))
+                if history["best"] is None or val_loss < history["best"]["loss"]:
+                    history["best"] = {"step": step, "loss": val_loss}
+                    if is_main:
+                        with_ema_weights(lambda: save_pipeline(model, scheduler, out / "best", info(step, val_loss),
+                                                               config.export_sampler))
+            if sample and is_main:
+                gif = out / "samples" / f"step-{step:07d}.gif"
+                with_ema_weights(lambda: write_sample_gif(model, scheduler, validation, config, gif))
+            signum = stop.requested(accelerator)
+            if checkpoint or signum:
+                saved = save()
+            if signum:
+                progress.close()
+                accelerator.end_training()  # flushes the logs
+                raise TrainingInterrupted(signum, step, saved)
     progress.close()
 
     pipeline_dir = out / "pipeline"
@@ -654,13 +711,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, destination: str | os.PathL
     """Exports a training checkpoint's EMA weights as a pipeline folder with its model card, shipping
     with ``export_sampler`` (NAME:STEPS; default: the one of the checkpoint's config)."""
     checkpoint = Path(checkpoint)
-    state = read_trainer_state(checkpoint)
+    state = verify_checkpoint(checkpoint)
     values = state["config"] if export_sampler is None else {**state["config"], "export_sampler": export_sampler}
     config = TrainConfig.from_dict(values)
     unet = build_unet(config)
     weights = read_ema_weights(checkpoint)
-    if set(weights) != set(dict(unet.named_parameters())):
-        raise ValueError(f"{checkpoint}: its EMA weights do not match the {config.preset} preset of its own config")
+    check_tensor_names(f"{checkpoint}/ema.safetensors", {k: tuple(v.shape) for k, v in weights.items()},
+                       {k: tuple(v.shape) for k, v in unet.named_parameters()})
+    check_finite(f"{checkpoint}/ema.safetensors", weights)
     unet.load_state_dict(weights)
     scheduler = make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps,
                                      config.noise_shift)

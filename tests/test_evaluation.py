@@ -2,6 +2,7 @@ import base64
 import csv
 import io
 import json
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -200,3 +201,65 @@ def test_cache_key_is_the_same_in_every_process(model_dir):
     keys = {subprocess.run([sys.executable, "-c", script, str(model_dir)], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
     assert len(keys) == 1 and len(keys.pop()) == 64
+
+
+def test_cache_key_follows_the_device_and_the_timing_settings(model_dir):
+    from mcvd_diffusers.evaluation import _cache_key
+
+    pipe = MCVDPipeline.from_pretrained(model_dir)
+    keys = {_cache_key(config(model_dir, out, **overrides), pipe, {"name": "generated"}, dict(pipe.scheduler.config),
+                       2) for out, overrides in (("x", {}), ("x", {"batch_size": 8}), ("x", {"timing": False}),
+                                                 ("x", {"compile": True}), ("elsewhere", {}))}
+    assert len(keys) == 4  # the output folder is not part of the result
+    before = _cache_key(config(model_dir, "x"), pipe, {"name": "generated"}, dict(pipe.scheduler.config), 2)
+    torch.set_num_threads(1)  # another CPU setup times differently
+    try:
+        after = _cache_key(config(model_dir, "x"), pipe, {"name": "generated"}, dict(pipe.scheduler.config), 2)
+    finally:
+        torch.set_num_threads(2)
+    assert before != after
+
+
+def test_an_unreadable_cache_entry_is_recomputed(evaluated, model_dir, tmp_path):
+    import shutil
+
+    record, out = evaluated
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    cache = again / "cache" / "ddim-2.npz"
+    cache.write_bytes(cache.read_bytes()[:200])  # truncated: a zip without its directory
+    with pytest.warns(UserWarning, match=r"ddim-2\.npz is unreadable \(BadZipFile.*recomputing it"):
+        rerun = evaluate(config(model_dir, again))
+    np.testing.assert_allclose(rerun["rows"]["ddim:2"]["metrics"]["mse"]["per_clip_mean_of_k"],
+                               record["rows"]["ddim:2"]["metrics"]["mse"]["per_clip_mean_of_k"], rtol=1e-6)
+
+
+def test_an_interrupted_evaluation_leaves_no_outputs_that_look_current(evaluated, model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    _, out = evaluated
+    again = tmp_path / "again"
+    shutil.copytree(out / "cache", again / "cache")
+    evaluate(config(model_dir, again))  # from the cache
+    assert (again / "metrics.json").is_file() and (again / "report.html").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "run_sampler", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(config(model_dir, again, seed=7))  # a new result is being computed when Ctrl-C comes
+    left = {p.name for p in again.iterdir()}
+    assert left == {"cache"}, f"outputs of the earlier run still look current: {left}"
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device 'gpu' is not a torch device name; use cpu, cuda or cuda:N"),
+    ("cuda", "device 'cuda' was asked for, but no CUDA GPU is available here"),
+    ("cuda:1", "device 'cuda:1' was asked for, but no CUDA GPU is available here"),
+])
+def test_a_device_this_machine_lacks_is_a_clear_error(model_dir, tmp_path, device, message):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate(config(model_dir, tmp_path, device=device))

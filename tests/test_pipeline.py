@@ -1,14 +1,17 @@
+import hashlib
 import json
+import types
 
+import diffusers
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from conftest import make_tiny_pipeline
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from safetensors.torch import load_file, save_file
 
-from mcvd_diffusers import MCVDPipeline, make_sampler
-from mcvd_diffusers import pipeline_mcvd
+from mcvd_diffusers import MCVDPipeline, make_noise_scheduler, make_sampler, pipeline_mcvd
 
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
 
@@ -131,6 +134,7 @@ def test_interpolation_uses_future_frames():
         (torch.rand(1, 2, 32, 32), {"num_frames": 0}, "num_frames must be an integer >= 1"),
         (torch.rand(1, 2, 32, 32), {"output_type": "latent"}, "output_type must be one of"),
         (torch.rand(1, 2, 32, 32), {"batch_size": 4}, "batch_size=4 but past_frames holds 1"),
+        (torch.rand(0, 2, 32, 32), {}, r"past_frames holds no videos \(a batch of 0"),
     ],
 )
 def test_bad_input_raises_a_clear_error(tiny_pipe, past, kwargs, message):
@@ -223,3 +227,100 @@ def test_noise_shift_divides_every_snr_and_travels_with_the_scheduler_config():
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="noise_shift must be a finite number > 0"):
             make_noise_scheduler(noise_shift=bad)
+
+
+# ----------------------------------------------------------------------------- schedulers
+class _Oracle(torch.nn.Module):
+    """Stands in for the UNet's forward: the exact prediction (x0, epsilon or v) that leads to ``target``
+    from any noisy sample at a discrete timestep. A scheduler driven correctly must return ``target``."""
+
+    def __init__(self, target: torch.Tensor, scheduler):
+        super().__init__()
+        self.target, self.prediction_type = target.double(), scheduler.config.prediction_type
+        self.alphas_cumprod = scheduler.alphas_cumprod.double()
+
+    def forward(self, sample, t, **kwargs):
+        t = torch.as_tensor(t)
+        assert t == t.round() and 0 <= t < len(self.alphas_cumprod), f"not a training timestep: {t}"
+        alpha = self.alphas_cumprod[t.long()]
+        noise = (sample.double() - alpha.sqrt() * self.target) / (1 - alpha).sqrt()
+        prediction = {"sample": self.target, "epsilon": noise,
+                      "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * self.target}[self.prediction_type]
+        return types.SimpleNamespace(sample=prediction.float())
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon", "sample"])
+@pytest.mark.parametrize("name", pipeline_mcvd.SUPPORTED_SCHEDULERS)
+def test_every_supported_scheduler_returns_the_video_a_perfect_model_predicts(name, prediction_type):
+    pipe = make_tiny_pipeline()
+    trained = make_noise_scheduler(prediction_type=prediction_type)
+    pipe.scheduler = getattr(diffusers, name).from_config(trained.config)
+    target = torch.rand(2, 3, 1, 32, 32, generator=gen(1)) * 2 - 1  # a known video in [-1, 1]
+    pipe.unet.forward = _Oracle(target, trained).forward
+    try:
+        # 8 divides the 1000 training steps: DDIM's last step then lands on t=-1 (clean), not on t=0
+        frames = pipe(torch.rand(2, 2, 32, 32), num_inference_steps=8, generator=gen()).frames
+    except NotImplementedError:  # diffusers' own refusal, e.g. Euler ancestral with x0 prediction
+        pytest.skip(f"{name} does not implement prediction_type={prediction_type}")
+    assert (frames * 2 - 1 - target).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "DEISMultistepScheduler",
+                                  "PNDMScheduler"])
+def test_schedulers_that_cannot_sample_this_model_exactly_are_refused_by_name(tiny_pipe, past, name):
+    tiny_pipe.scheduler = getattr(diffusers, name).from_config(tiny_pipe.scheduler.config)
+    with pytest.raises(ValueError, match=rf"{name} is not supported by MCVDPipeline.*Use one of \['DDPMScheduler'"):
+        tiny_pipe(past, num_inference_steps=2)
+
+
+# ----------------------------------------------------------------------------- weights
+def _export(pipe, folder):
+    pipe.save_pretrained(folder)
+    return folder / "unet" / "diffusion_pytorch_model.safetensors"
+
+
+def test_missing_or_unexpected_tensors_are_named_not_initialized_at_random(tiny_pipe, tmp_path):
+    weights = _export(tiny_pipe, tmp_path)
+    tensors = load_file(weights)
+    dropped = "conv_in.weight"
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights)
+    with pytest.raises(ValueError, match=r"does not match the model: 1 missing tensor\(s\): conv_in\.weight$"):
+        MCVDPipeline.from_pretrained(tmp_path)
+    save_file({**tensors, "conv_in.scale": torch.ones(1)}, weights)
+    with pytest.raises(ValueError, match=r"1 unexpected tensor\(s\): conv_in\.scale"):
+        MCVDPipeline.from_pretrained(tmp_path)
+    save_file({**tensors, dropped: tensors[dropped][:1]}, weights)
+    with pytest.raises(ValueError, match=r"tensor\(s\) of another shape: conv_in\.weight \(1, "):
+        MCVDPipeline.from_pretrained(tmp_path)
+
+
+def test_flipped_bytes_give_non_finite_weights_which_are_refused(tiny_pipe, tmp_path):
+    weights = _export(tiny_pipe, tmp_path)
+    tensors = load_file(weights)
+    raw = bytearray(weights.read_bytes())
+    raw[-4:] = b"\xff\xff\xff\xff"  # the last float of the last tensor becomes NaN
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"holds non-finite values \(NaN or inf\) in 1 tensor\(s\): "):
+        MCVDPipeline.from_pretrained(tmp_path)
+    assert len(tensors) > 1
+
+
+def test_exports_record_a_sha256_per_weight_file_and_loading_verifies_it(tiny_pipe, tmp_path):
+    from mcvd_diffusers.integrity import write_checksums
+
+    weights = _export(tiny_pipe, tmp_path)
+    recorded = write_checksums(tmp_path)
+    assert list(recorded) == ["unet/diffusion_pytorch_model.safetensors"]
+    assert recorded["unet/diffusion_pytorch_model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    MCVDPipeline.from_pretrained(tmp_path)  # verifies and loads
+    tensors = load_file(weights)
+    tensors["conv_in.bias"] = tensors["conv_in.bias"] + 1e-3  # finite, well-formed, and not what was exported
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors is corrupt: its SHA-256 is [0-9a-f]{64}, "
+                                         r"checksums\.json records [0-9a-f]{64}"):
+        MCVDPipeline.from_pretrained(tmp_path)
+    weights.unlink()
+    save_file(tensors, tmp_path / "unet" / "extra.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"recorded in checksums\.json are missing: "
+                                                r"unet/diffusion_pytorch_model\.safetensors"):
+        MCVDPipeline.from_pretrained(tmp_path)

@@ -36,3 +36,12 @@ def test_shipped_model_beats_copy_last_frame():
     print(f"MSE {mse:.4f} vs copy-last {copy_mse:.4f}; binarized SSIM {ssim_bin:.3f} vs {copy_bin:.3f}")
     assert mse < copy_mse - MSE_MARGIN, (mse, copy_mse)
     assert ssim_bin > copy_bin + SSIM_BIN_MARGIN, (ssim_bin, copy_bin)
+
+
+def test_shipped_weights_are_the_ones_exported():
+    """Every weight file matches the SHA-256 recorded at export; from_pretrained checks the same."""
+    from mcvd_diffusers.integrity import verify_checksums
+
+    assert verify_checksums(SHIPPED)
+    record = (SHIPPED / "checksums.json").read_text()
+    assert record.count(".safetensors") == len(list((SHIPPED / "unet").glob("*.safetensors"))) == 2
