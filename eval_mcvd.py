@@ -26,7 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num-frames", type=int, default=10, help="frames to predict after the past ones")
     parser.add_argument("--test-set", choices=["generated", "official"], default="generated",
                         help="the fixed generated test set, or the official mnist_test_seq.npy (last 1000 clips)")
-    parser.add_argument("--test-file", help="path of mnist_test_seq.npy, for --test-set official")
+    parser.add_argument("--test-file", help="path of mnist_test_seq.npy for --test-set official, or 'download' (into the "
+                             "package cache, checksum verified)")
     parser.add_argument("--mnist-root", help="MNIST for the generated test set: a folder or 'bundled' "
                                              "(default: $MCVD_MNIST_DIR, else download)")
     parser.add_argument("--batch-size", type=int, default=64, help="videos sampled at once")
@@ -38,13 +39,29 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (eager if unsupported)")
     parser.add_argument("--update-model-card", action="store_true",
                         help="write the summary table into --model's README.md (a folder exported by train_mcvd.py)")
+    parser.add_argument("--protocol", choices=["ours", "reproduction"], default="ours",
+                        help="reproduction: the protocol of the reproduction we start from beside ours: 30 clips, one "
+                             "sample each (unless --num-clips/--samples-per-clip say otherwise), every sampler also "
+                             "scored after its contrast stretch (rows '+ stretch')")
+    parser.add_argument("--fvd", action="store_true", help="add an FVD column (needs the I3D weights; see README)")
+    parser.add_argument("--fvd-weights", help="I3D weights file (default: $MCVD_I3D_WEIGHTS, else the torch hub cache)")
+    parser.add_argument("--fvd-frames", choices=["past+predicted", "predicted"], default="past+predicted",
+                        help="the frames of each video FVD compares (MCVD: past + predicted)")
+    parser.add_argument("--fvd-pooling", choices=["all", "per_sample"], default="all",
+                        help="all: the k x N samples as one set; per_sample: one FVD per sample index, averaged")
     args = parser.parse_args(argv)
+    explicit = set(arg.split("=")[0] for arg in (argv if argv is not None else sys.argv[1:]))
+    if args.protocol == "reproduction":  # its defaults, where the command line names none
+        args.num_clips = args.num_clips if "--num-clips" in explicit else 30
+        args.samples_per_clip = args.samples_per_clip if "--samples-per-clip" in explicit else 1
     config = EvalConfig(model=args.model, out=args.out, samplers=args.samplers, num_clips=args.num_clips,
                         samples_per_clip=args.samples_per_clip, num_frames=args.num_frames, test_set=args.test_set,
                         test_file=args.test_file, mnist_root=args.mnist_root, batch_size=args.batch_size,
                         seed=args.seed, device=args.device, gif_clips=args.gif_clips, timing=not args.no_timing,
                         precision=args.precision, compile=args.compile,
-                        update_model_card=args.update_model_card)
+                        update_model_card=args.update_model_card, stretch=args.protocol == "reproduction",
+                        fvd=args.fvd, fvd_weights=args.fvd_weights, fvd_include_past=args.fvd_frames != "predicted",
+                        fvd_pooling=args.fvd_pooling)
     try:
         record = evaluate(config)
     except (ValueError, FileNotFoundError) as e:

@@ -55,9 +55,13 @@ def main(argv=None) -> None:
         parser.error(str(e))
     try:
         train(config, command=" ".join(["python train_mcvd.py", *argv]))
-    except TrainingInterrupted as e:  # SIGTERM or Ctrl-C: a checkpoint was saved
+    except TrainingInterrupted as e:  # SIGTERM or Ctrl-C during the loop: a checkpoint was saved
         print(f"{e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the loop or during the final export: no step is lost
+        print("interrupted outside the training loop; its checkpoints are kept (resume with "
+              "--resume_from_checkpoint latest)", file=sys.stderr)
+        sys.exit(130)
     # bad data, an incompatible resume, a run in the way, a full disk, a failed upload (the export is kept)
     except (ValueError, FileNotFoundError, OSError, HubUploadError) as e:
         sys.exit(f"error: {e}")

@@ -33,7 +33,10 @@ from tqdm.auto import tqdm
 
 from .data.moving_mnist import clips_to_video, load_mnist_test_seq, load_test_set
 from .hub import read_training_info, write_model_card
+from .fvd import POOLINGS, fvd_from_features, i3d_features
+from .integrity import sha256_file
 from .metrics import METRICS, FrameMetrics, aggregate
+from .models.i3d import I3D, load_i3d, resolve_weights
 from .pipeline_mcvd import MCVDPipeline
 from .runtime import autocast, check_precision, device_name, maybe_compile, synchronize, versions
 from .schedulers import SAMPLERS, make_sampler, parse_sampler
@@ -52,7 +55,7 @@ class EvalConfig:
     samples_per_clip: int = 10
     num_frames: int = 10  # frames predicted after the model's past frames
     test_set: str = "generated"  # the fixed generated test set, or "official" (mnist_test_seq.npy)
-    test_file: str | None = None  # path of mnist_test_seq.npy for test_set="official"
+    test_file: str | None = None  # path of mnist_test_seq.npy for test_set="official", or "download"
     mnist_root: str | None = None  # MNIST for the generated test set (a folder, "bundled", or None)
     batch_size: int = 64  # videos sampled at once
     seed: int = 0
@@ -62,6 +65,15 @@ class EvalConfig:
     precision: str = "fp32"  # the UNet's forward under autocast: "fp32", "bf16", "fp16"
     compile: bool = False  # torch.compile the UNet (falls back to eager with a warning)
     update_model_card: bool = False  # write the summary table into the model folder's README.md
+    # The reproduction's contrast stretch: each sampler's predictions are also scored after (x - 0.2) / 0.6,
+    # clipped to [0, 1], in a row of their own ("NAME:STEPS + stretch"), to show what the stretch is worth.
+    stretch: bool = False
+    # FVD (mcvd_diffusers/fvd.py): a column per row, from I3D features of every predicted video
+    fvd: bool = False
+    fvd_weights: str | None = None  # I3D weights file (else $MCVD_I3D_WEIGHTS, else the torch hub cache)
+    fvd_include_past: bool = True  # the videos compared are past + predicted frames (MCVD's FVD), else predicted
+    fvd_pooling: str = "all"  # "all": the k x N samples as one set; "per_sample": one FVD per sample index, averaged
+    fvd_size: int = 224  # the frame size I3D sees; 224 is standard FVD, smaller values are for tests only
 
 
 def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -69,6 +81,7 @@ def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
     return past[:, -1:].expand(-1, num_frames, *past.shape[2:]).clone()
 
 
+I3D_FEATURES = 400  # the length of an FVD feature vector (I3D's Kinetics-400 logits)
 SHIPPED = "shipped"  # in --samplers: the pipeline's own scheduler at its default step count
 
 
@@ -97,6 +110,11 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def reproduction_stretch(frames: torch.Tensor) -> torch.Tensor:
+    """The reproduction's post-processing of predictions before scoring: (x - 0.2) / 0.6 clipped to [0, 1]."""
+    return ((frames - 0.2) / 0.6).clamp(0, 1)
+
+
 def _validate(config: EvalConfig) -> None:
     for spec in config.samplers:
         if spec != SHIPPED:
@@ -114,6 +132,12 @@ def _validate(config: EvalConfig) -> None:
         raise ValueError(f"test_set must be one of {TEST_SETS}, got {config.test_set!r}")
     if config.test_set == "official" and not config.test_file:
         raise ValueError("test_set='official' needs test_file=<path of mnist_test_seq.npy>")
+    if config.fvd and config.fvd_pooling not in POOLINGS:
+        raise ValueError(f"fvd_pooling must be one of {POOLINGS}, got {config.fvd_pooling!r}")
+    if config.fvd and config.num_clips < 2:
+        raise ValueError(f"FVD needs num_clips >= 2 (a covariance of features), got {config.num_clips}")
+    if config.fvd and config.fvd_size < 32:
+        raise ValueError(f"fvd_size must be >= 32 (224 is the standard), got {config.fvd_size}")
     if config.update_model_card:
         read_training_info(config.model)  # a local folder exported by train_mcvd.py, before any sampling
 
@@ -121,7 +145,8 @@ def _validate(config: EvalConfig) -> None:
 def load_test_clips(config: EvalConfig) -> tuple[torch.Tensor, dict]:
     """The first ``num_clips`` test clips as uint8 (N, T, H, W) and a description of the test set."""
     if config.test_set == "official":
-        clips = load_mnist_test_seq(config.test_file, split="test")
+        download = config.test_file == "download"  # into the package cache, checksum verified
+        clips = load_mnist_test_seq(None if download else config.test_file, split="test", download=download)
         info = {"name": "official", "data_source": f"mnist_test_seq.npy ({config.test_file}), last 1000 clips"}
     else:
         dataset, meta = load_test_set(root=config.mnist_root)
@@ -149,15 +174,24 @@ def _time_batch1(pipe, past, steps, num_frames, device, precision) -> float:
     return time.perf_counter() - start
 
 
+def video_features(i3d: I3D, past: torch.Tensor, frames: torch.Tensor, config: EvalConfig) -> torch.Tensor:
+    """I3D features (B, 400) of the videos FVD compares: past + frames, or the frames alone."""
+    videos = torch.cat([past.to(frames), frames], dim=1) if config.fvd_include_past else frames
+    return i3d_features(videos, i3d, batch_size=config.batch_size, resize_to=config.fvd_size)
+
+
 def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Tensor, future: torch.Tensor,
-                steps: int, config: EvalConfig, progress) -> dict:
-    """Samples k videos per clip in batches, scores them per frame. Returns the per-frame metrics
-    (N, k, F), the predictions of the GIF clips, and timings."""
+                steps: int, config: EvalConfig, progress, i3d: I3D | None = None) -> dict:
+    """Samples k videos per clip in batches, scores them per frame (also stretched, with ``config.stretch``)
+    and, given ``i3d``, takes their FVD features. Returns the per-frame metrics (N, k, F), the features
+    (N, k, 400), the predictions of the GIF clips, and timings."""
     device = pipe.device
     n, k = len(past), config.samples_per_clip
     clip_index = torch.arange(n).repeat_interleave(k)
     sample_index = torch.arange(k).repeat(n)
     per_frame = {name: torch.empty(n * k, config.num_frames) for name in frame_metrics.metrics}
+    stretched = {name: torch.empty(n * k, config.num_frames) for name in frame_metrics.metrics} if config.stretch else {}
+    features = torch.empty(n * k, I3D_FEATURES, dtype=torch.float64) if i3d is not None else None
     shown = min(k, GIF_SAMPLES)
     gif = torch.zeros(min(config.gif_clips, n), shown, *future.shape[1:], dtype=torch.uint8)
     # Warm-up at the batch size, so that the amortized time excludes one-off costs.
@@ -178,6 +212,11 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
         sampling_seconds += time.perf_counter() - begin
         for name, values in frame_metrics(frames, future[clips]).items():
             per_frame[name][idx] = values
+        if stretched:
+            for name, values in frame_metrics(reproduction_stretch(frames), future[clips]).items():
+                stretched[name][idx] = values
+        if features is not None:
+            features[idx] = video_features(i3d, past[clips], frames, config)
         for j, (c, s) in enumerate(zip(clips.tolist(), samples.tolist())):
             if c < len(gif) and s < shown:
                 gif[c, s] = (frames[j].cpu() * 255).round().byte()
@@ -186,10 +225,13 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
     if config.timing:
         timing["seconds_per_video_batch1"] = _time_batch1(pipe, past, steps, config.num_frames, device,
                                                           config.precision)
-    return {"per_frame": {name: v.view(n, k, -1) for name, v in per_frame.items()}, "gif": gif, "timing": timing}
+    return {"per_frame": {name: v.view(n, k, -1) for name, v in per_frame.items()}, "gif": gif, "timing": timing,
+            "stretched": {name: v.view(n, k, -1) for name, v in stretched.items()},
+            "fvd_features": None if features is None else features.view(n, k, -1)}
 
 
-def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_config: dict, steps: int) -> str:
+def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_config: dict, steps: int,
+               fvd_weights: str | None = None) -> str:
     weights = hashlib.sha256()
     for tensor in pipe.unet.state_dict().values():
         weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -202,13 +244,16 @@ def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_
            # diffusers' private config entries ("_use_default_values": a list in set order, which Python's
            # hash randomization reshuffles in every process) say nothing about what the sampler does
            "sampler": {k: v for k, v in sampler_config.items() if not k.startswith("_")}, "steps": steps,
-           "metrics": list(METRICS)}
+           "metrics": list(METRICS), "fvd_weights": fvd_weights}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _save_cache(path: Path, key: str, result: dict) -> None:
     tmp = path.with_suffix(".tmp.npz")
     arrays = {f"metric_{k}": v.numpy() for k, v in result["per_frame"].items()}
+    arrays.update({f"stretched_{k}": v.numpy() for k, v in result["stretched"].items()})
+    if result["fvd_features"] is not None:
+        arrays["fvd_features"] = result["fvd_features"].numpy()
     np.savez(tmp, key=np.array(key), gif=result["gif"].numpy(), timing=np.array(json.dumps(result["timing"])),
              **arrays)
     os.replace(tmp, path)  # a cache file is complete or absent
@@ -222,11 +267,19 @@ def _load_cache(path: Path, key: str) -> dict | None:
             if str(data["key"]) != key:
                 return None
             per_frame = {k[len("metric_"):]: torch.from_numpy(data[k]) for k in data.files if k.startswith("metric_")}
-            return {"per_frame": per_frame, "gif": torch.from_numpy(data["gif"]),
-                    "timing": json.loads(str(data["timing"]))}
+            stretched = {k[len("stretched_"):]: torch.from_numpy(data[k]) for k in data.files
+                         if k.startswith("stretched_")}
+            features = torch.from_numpy(data["fvd_features"]) if "fvd_features" in data.files else None
+            return {"per_frame": per_frame, "gif": torch.from_numpy(data["gif"]), "stretched": stretched,
+                    "fvd_features": features, "timing": json.loads(str(data["timing"]))}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:  # truncated, zeroed, edited
         warnings.warn(f"{path} is unreadable ({type(e).__name__}: {e}); recomputing it", stacklevel=2)
         return None
+
+
+def _home_relative(path: str) -> str:
+    home = str(Path.home())
+    return "~" + path[len(home):] if path.startswith(home + os.sep) else path
 
 
 def _git_commit() -> str | None:
@@ -258,11 +311,17 @@ def evaluate(config: EvalConfig) -> dict:
     if tuple(clips.shape[2:]) != pipe.unet.frame_shape[1:] or pipe.unet.frame_shape[0] != 1:
         raise ValueError(f"the test frames are 1x{clips.shape[2]}x{clips.shape[3]}, the model expects "
                          f"{'x'.join(map(str, pipe.unet.frame_shape))}")
+    i3d, fvd_weights = None, None
+    if config.fvd:  # before any sampling: weights that cannot be found or loaded fail here
+        i3d = load_i3d(config.fvd_weights, device)
+        fvd_weights = ("random (tests only)" if config.fvd_weights == "random"
+                       else f"sha256:{sha256_file(resolve_weights(config.fvd_weights))}")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     frame_metrics = FrameMetrics(device)
     video = clips_to_video(clips)
     past, future = video[:, :num_past], video[:, num_past : num_past + config.num_frames]
+    real_features = video_features(i3d, past, future, config) if i3d is not None else None
     if config.compile:
         with autocast(config.precision, device):
             maybe_compile(pipe.unet, lambda: pipe(past[:1], num_frames=config.num_frames, num_inference_steps=1))
@@ -279,6 +338,9 @@ def evaluate(config: EvalConfig) -> dict:
         per_frame = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         rows[label] = {"kind": "baseline", "samples_per_clip": 1,
                        "per_frame": {k: v[:, None] for k, v in per_frame.items()}, "timing": {}}
+        if i3d is not None:
+            rows[label]["fvd"] = fvd_from_features(video_features(i3d, past, prediction, config)[:, None],
+                                                   real_features, config.fvd_pooling)
     gifs = {}
     total = len(samplers) * len(past) * config.samples_per_clip
     trained_config = pipe.scheduler.config  # every sampler is built from the pipeline's own scheduler config
@@ -287,10 +349,10 @@ def evaluate(config: EvalConfig) -> dict:
             progress.set_postfix(sampler=spec)
             pipe.scheduler = make_sampler(name, trained_config)
             cache = out / "cache" / f"{name.replace('+', 'p')}-{steps}.npz"
-            key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), steps)
+            key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), steps, fvd_weights)
             result = _load_cache(cache, key)
             if result is None:
-                result = run_sampler(pipe, frame_metrics, past, future, steps, config, progress)
+                result = run_sampler(pipe, frame_metrics, past, future, steps, config, progress, i3d)
                 _save_cache(cache, key, result)
             else:
                 progress.update(len(past) * config.samples_per_clip)
@@ -298,6 +360,11 @@ def evaluate(config: EvalConfig) -> dict:
             rows[spec] = {"kind": "sampler", "scheduler": type(pipe.scheduler).__name__, "steps": steps,
                           "scheduler_config": dict(pipe.scheduler.config), "samples_per_clip": config.samples_per_clip,
                           "per_frame": result["per_frame"], "timing": result["timing"]}
+            if i3d is not None:
+                rows[spec]["fvd"] = fvd_from_features(result["fvd_features"], real_features, config.fvd_pooling)
+            if config.stretch:
+                rows[f"{spec} + stretch"] = {**rows[spec], "kind": "sampler, stretched", "fvd": None,
+                                             "per_frame": result["stretched"]}
             gifs[spec] = result["gif"]
 
     for row in rows.values():
@@ -306,13 +373,16 @@ def evaluate(config: EvalConfig) -> dict:
         "model": str(config.model),
         "model_config": dict(unet_cfg),
         "eval_config": dataclasses.asdict(config),
-        "test_set": test_info,
+        # the cache folder of the test set, written relative to the home folder: results are shared
+        "test_set": {k: _home_relative(v) if k == "path" else v for k, v in test_info.items()},
         "data_source": test_info["data_source"],
         "device": device_name(device),
         "versions": versions(),
         "git_commit": _git_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "shipped_sampler": shipped,
+        "fvd": None if i3d is None else {"weights": fvd_weights, "include_past": config.fvd_include_past,
+                                         "pooling": config.fvd_pooling, "frame_size": config.fvd_size},
         "rows": rows,
     }
     write_outputs(out, record, past[: config.gif_clips], future[: config.gif_clips], gifs)
@@ -350,10 +420,27 @@ def _fmt_seconds(value) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+def protocol_notes(record: dict) -> list[str]:
+    """Sentences that say what the stretched rows and the FVD column are, when a record has them."""
+    notes = []
+    if record["eval_config"].get("stretch"):
+        notes.append("Rows marked '+ stretch' score the same predictions after the reproduction's contrast stretch, "
+                     "(x - 0.2) / 0.6 clipped to [0, 1], which turns grey pixels black or white and so raises SSIM "
+                     "without predicting anything better; the rows without it are the honest numbers.")
+    fvd = record.get("fvd")
+    if fvd:
+        notes.append(f"FVD (lower is better): I3D Kinetics-400 logits of {'past + predicted' if fvd['include_past'] else 'predicted'} "
+                     f"frames at {fvd['frame_size']} px, "
+                     + ("all k x N samples as one set" if fvd["pooling"] == "all" else "one FVD per sample index, averaged")
+                     + f", against the N real videos; I3D weights {fvd['weights']}.")
+    return notes
+
+
 def summary_table(record: dict) -> str:
     """The markdown table: one line per row and aggregation (mean-of-k, best-of-k), mean ± 95% interval."""
+    with_fvd = record.get("fvd") is not None
     header = ["row", "steps", "s/video (batch 1)", "s/video (amortized)", "k", "aggregate",
-              *[title for _, title, _ in SUMMARY_COLUMNS]]
+              *[title for _, title, _ in SUMMARY_COLUMNS], *(["FVD"] if with_fvd else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in record["rows"].items():
         for aggregate_name in ("mean_of_k", "best_of_k"):
@@ -366,6 +453,9 @@ def summary_table(record: dict) -> str:
             for metric, _, digits in SUMMARY_COLUMNS:
                 stats = row["metrics"][metric][aggregate_name]
                 cells.append(f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f}")
+            if with_fvd:  # a set-level number: one per row, on the mean-of-k line
+                fvd_value = row.get("fvd") if aggregate_name == "mean_of_k" else None
+                cells.append("" if fvd_value is None else f"{fvd_value:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -382,7 +472,7 @@ def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Ten
         f"{record['eval_config']['num_clips']} clips of the {record['test_set']['name']} test set "
         f"({record['data_source']}), {record['eval_config']['samples_per_clip']} samples per clip, device "
         f"{record['device']}. Values: mean over clips ± 95% interval; per frame, then mean-of-k or best-of-k "
-        f"per clip. PSNR capped at 100 dB.\n\n{table}\n")
+        f"per clip. PSNR capped at 100 dB.\n\n{table}\n" + "".join(f"\n{note}\n" for note in protocol_notes(record)))
     plot_curves(out / "curves.png", record)
     if len(past) and gifs:
         predictions = {f"{spec} #{s + 1}": gif[:, s].float() / 255 for spec, gif in gifs.items()
@@ -517,8 +607,10 @@ img {{ max-width: 100%; image-rendering: pixelated; }}
 <ul>{"".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in details.items())}</ul>
 <h2>Results</h2>
 <p>Mean over clips ± 95% interval. Per clip: metrics averaged over the predicted frames, then over the
-k samples (mean-of-k) or the best sample (best-of-k). No post-processing of predictions.</p>
+k samples (mean-of-k) or the best sample (best-of-k). No post-processing of predictions (except in rows
+marked '+ stretch').</p>
 {_markdown_table_to_html(table)}
+{"".join(f"<p>{html.escape(note)}</p>" for note in protocol_notes(record))}
 <h2>Per-frame metrics</h2>
 <img alt="per-frame metric curves" src="{_data_uri(curves, 'image/png')}">
 {gif_html}

@@ -9,6 +9,8 @@ Frames are (..., C, H, W) floats in [0, 1]; predictions are never post-processed
   inputs in [-1, 1], at the frames' own size.
 Aggregation: mean over frames, then mean-of-k and best-of-k over a clip's k samples,
 then the mean over clips with a 95% interval (1.96 standard errors).
+Set-level metric: the Fréchet Video Distance lives in ``mcvd_diffusers.fvd`` (``fvd``, ``frechet_distance``,
+``feature_statistics``, re-exported here) with its I3D network in ``mcvd_diffusers.models.i3d``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+from .fvd import feature_statistics, frechet_distance, fvd  # noqa: F401  (FVD is a set-level metric)
 
 PSNR_CAP = 100.0  # dB; the PSNR of frames whose MSE is 1e-10 or less
 METRICS = ("mse", "psnr", "ssim", "ssim_binarized", "lpips_alex", "lpips_vgg")

@@ -48,6 +48,7 @@ from .lr_schedules import LR_SCHEDULES, make_lr_schedule
 from .masking import draw_keep_mask
 from .models.unet_mcvd import PRESETS, MCVDUNet2DModel
 from .pipeline_mcvd import MCVDPipeline
+from .remote_code import add_remote_code
 from .runtime import check_precision, maybe_compile, to_channels_last
 from .schedulers import BETA_SCHEDULES, PREDICTION_TYPES, make_noise_scheduler, make_sampler, parse_sampler
 
@@ -406,6 +407,7 @@ def save_pipeline(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, destination: 
     with explain_disk_full(tmp):
         MCVDPipeline(unet=unet, scheduler=sampler, default_num_inference_steps=steps).save_pretrained(
             tmp, max_shard_size=MAX_SHARD_SIZE)
+        add_remote_code(tmp)  # DiffusionPipeline.from_pretrained(..., trust_remote_code=True) without this package
         write_checksums(tmp)  # from_pretrained verifies them
         info = {**info, "scheduler": f"{type(sampler).__name__} ({name})", "num_inference_steps": steps}
         write_model_card(tmp, info, info["config"].get("hub_model_id") or str(destination))

@@ -263,3 +263,90 @@ def test_a_device_this_machine_lacks_is_a_clear_error(model_dir, tmp_path, devic
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match=re.escape(message)):
         evaluate(config(model_dir, tmp_path, device=device))
+
+
+def test_the_reproductions_stretch_is_scored_beside_the_honest_numbers(model_dir, tmp_path):
+    from mcvd_diffusers.evaluation import reproduction_stretch
+
+    torch.testing.assert_close(reproduction_stretch(torch.tensor([0.0, 0.2, 0.5, 0.8, 1.0])),
+                               torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    record = evaluate(config(model_dir, tmp_path, samplers=["ddim:2"], stretch=True, timing=False))
+    raw, stretched = record["rows"]["ddim:2"]["metrics"], record["rows"]["ddim:2 + stretch"]["metrics"]
+    assert raw["mse"]["mean_of_k"]["mean"] != stretched["mse"]["mean_of_k"]["mean"]
+    # rounding to {0, 1} at 0.5 commutes with the stretch (it maps 0.5 to 0.5): binarized SSIM cannot change
+    np.testing.assert_allclose(stretched["ssim_binarized"]["per_clip_mean_of_k"],
+                               raw["ssim_binarized"]["per_clip_mean_of_k"], rtol=1e-6)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| ddim:2 + stretch | 2 |" in summary and "(x - 0.2) / 0.6 clipped to [0, 1]" in summary
+
+
+def test_reproduction_protocol_on_the_command_line(monkeypatch):
+    import eval_mcvd
+
+    seen = []
+    monkeypatch.setattr(eval_mcvd, "evaluate", lambda cfg: seen.append(cfg) or (_ for _ in ()).throw(ValueError("x")))
+    for argv, clips, samples in ((["--protocol", "reproduction"], 30, 1),
+                                 (["--protocol", "reproduction", "--num-clips", "8"], 8, 1),
+                                 ([], 256, 10)):
+        with pytest.raises(SystemExit):
+            eval_mcvd.main(["--model", "m", "--out", "o", *argv])
+        assert (seen[-1].num_clips, seen[-1].samples_per_clip, seen[-1].stretch) == (clips, samples, bool(argv))
+
+
+def test_fvd_column_with_random_i3d_weights(model_dir, tmp_path):
+    """The real I3D weights are not available offline; the code path runs with random ones (tests only)."""
+    options = dict(samplers=["ddim:2"], fvd=True, fvd_weights="random", fvd_size=32, timing=False)
+    record = evaluate(config(model_dir, tmp_path, **options))
+    rows = record["rows"]
+    assert rows["ground truth"]["fvd"] == pytest.approx(0, abs=1e-6)  # the real videos against themselves
+    assert rows["copy last frame"]["fvd"] > 0 and rows["ddim:2"]["fvd"] > 0
+    assert record["fvd"] == {"weights": "random (tests only)", "include_past": True, "pooling": "all",
+                             "frame_size": 32}
+    summary = (tmp_path / "summary.md").read_text()
+    assert next(line for line in summary.splitlines() if line.startswith("| row")).endswith("| FVD |")
+    assert "I3D weights random (tests only)" in summary
+    per_sample = evaluate(config(model_dir, tmp_path / "per_sample", **options, fvd_pooling="per_sample"))
+    assert per_sample["rows"]["ddim:2"]["fvd"] != rows["ddim:2"]["fvd"]  # k=2: two sets of 3, not one of 6
+    assert per_sample["rows"]["copy last frame"]["fvd"] == pytest.approx(rows["copy last frame"]["fvd"])  # k=1
+
+
+def test_fvd_without_weights_fails_before_any_sampling(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "run_sampler", lambda *a, **k: pytest.fail("sampling started"))
+    monkeypatch.delenv("MCVD_I3D_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="MCVD_I3D_WEIGHTS"):
+        evaluate(config(model_dir, tmp_path, fvd=True))
+    with pytest.raises(ValueError, match="fvd_pooling must be one of"):
+        evaluate(config(model_dir, tmp_path, fvd=True, fvd_pooling="mean"))
+
+
+def test_official_test_file_downloaded_on_request(model_dir, tmp_path, monkeypatch):
+    from mcvd_diffusers.data import moving_mnist
+
+    array = np.random.default_rng(1).integers(0, 256, size=(20, 1002, 64, 64), dtype=np.uint8)
+    fetched = []
+
+    def fake_download(url, path, checksum):
+        fetched.append((url, checksum))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, array)
+
+    monkeypatch.setattr(moving_mnist, "download_file", fake_download)
+    monkeypatch.setenv("MCVD_CACHE_DIR", str(tmp_path / "cache"))  # where it lands, away from other tests' cache
+    record = evaluate(config(model_dir, tmp_path / "out", test_set="official", test_file="download", num_clips=2,
+                             samples_per_clip=1, samplers=["ddim:1"], timing=False))
+    assert fetched == [(moving_mnist.MNIST_TEST_SEQ_URL, moving_mnist.MNIST_TEST_SEQ_CHECKSUM)]
+    copy_mse = record["rows"]["copy last frame"]["metrics"]["mse"]["per_clip_mean_of_k"]
+    video = torch.from_numpy(array[:, 2:4].transpose(1, 0, 2, 3)).float() / 255
+    np.testing.assert_allclose(copy_mse, (video[:, 4:5] - video[:, 5:15]).pow(2).mean((1, 2, 3)).numpy(), rtol=1e-5)
+
+
+def test_written_results_name_no_home_folder(evaluated, monkeypatch):
+    import os
+    from pathlib import Path
+
+    record, out = evaluated
+    home = Path(os.environ["MCVD_CACHE_DIR"]).parent  # the test set's cache lies in this "home folder"
+    monkeypatch.setenv("HOME", str(home))
+    evaluate(config(record["model"], out))  # the outputs of a finished run (cached)
+    written = json.loads((out / "metrics.json").read_text())["test_set"]["path"]
+    assert written.startswith(f"~/{Path(os.environ['MCVD_CACHE_DIR']).name}/test_sets/mmnist-test-")

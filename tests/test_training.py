@@ -333,9 +333,9 @@ def test_export_on_demand_and_fake_hub_upload(uninterrupted, tmp_path, monkeypat
     train(small_config(out, max_steps=2, push_to_hub=True, hub_model_id="someone/mcvd-tiny"))
     [(repo_id, files, card)] = uploads
     assert repo_id == "someone/mcvd-tiny"
-    assert files == ["README.md", "checksums.json", "model_index.json", "scheduler/scheduler_config.json",
-                     "training_info.json",
-                     "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]  # no raw checkpoints
+    assert files == ["README.md", "checksums.json", "integrity.py", "model_index.json", "pipeline_mcvd.py",
+                     "scheduler/scheduler_config.json", "training_info.json", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors", "unet/unet_mcvd.py"]  # no raw checkpoints
     assert 'MCVDPipeline.from_pretrained("someone/mcvd-tiny")' in card and "# someone/mcvd-tiny" in card
 
     with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
