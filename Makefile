@@ -27,12 +27,12 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 # The shipped model predicts 16 clips of the bundled MNIST test digits (2 samples each) with the
 # sampler it ships with, next to copy-last-frame: the table, predictions.gif and report.html.
 demo: install
-	$(BIN)/python eval_mcvd.py --model $(MODEL) --samplers shipped --num-clips 16 --samples-per-clip 2 --batch-size 32 --mnist-root bundled --out $(DEMO_DIR)
+	$(BIN)/python eval_mcvd.py --model $(MODEL) --samplers shipped --num_clips 16 --samples_per_clip 2 --batch_size 32 --mnist_root bundled --out $(DEMO_DIR)
 
 train-demo: install
 	$(BIN)/python train_mcvd.py --config configs/tiny.yaml --output_dir $(TRAIN_DEMO_DIR) --overwrite true
 	$(BIN)/python eval_mcvd.py --model $(TRAIN_DEMO_DIR)/pipeline --samplers ddim:50 dpm++:20 \
-		--num-clips 4 --samples-per-clip 2 --batch-size 8 --mnist-root bundled --out $(TRAIN_DEMO_DIR)/eval --update-model-card
+		--num_clips 4 --samples_per_clip 2 --batch_size 8 --mnist_root bundled --out $(TRAIN_DEMO_DIR)/eval --update_model_card
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -7,30 +7,41 @@ usage:
   python train_mcvd.py --export runs/tiny/checkpoints/checkpoint-400 --to runs/tiny/export-400 [--export_sampler ddim:20]
   python train_mcvd.py --push runs/tiny/pipeline --hub_model_id USER/NAME [--hub_private]
 
-Every key of mcvd_diffusers.training.TrainConfig (documented there and in configs/*.yaml)
-can be set in the config file or overridden on the command line (--max_steps 500,
---mnist_root bundled, --push_to_hub --hub_model_id USER/NAME, ...).
+Every key of mcvd_diffusers.config.TrainConfig (listed below, documented in configs/*.yaml) can be
+set in the config file or on the command line (--max_steps 500, --mnist_root bundled,
+--push_to_hub --hub_model_id USER/NAME, ...); the command line wins.
 """
 
 import argparse
 import sys
 
+from mcvd_diffusers.cli import add_config_flags, given_values, refuse_other_spellings
+from mcvd_diffusers.config import TrainConfig, load_config_file
+from mcvd_diffusers.export import export_checkpoint
 from mcvd_diffusers.hub import HubUploadError, push_to_hub
 from mcvd_diffusers.interrupt import TrainingInterrupted
-from mcvd_diffusers.training import TrainConfig, export_checkpoint, load_config_file, parse_overrides, train
+from mcvd_diffusers.trainer import train
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig keys")
     parser.add_argument("--export", metavar="CHECKPOINT", help="export a checkpoint's EMA weights as a pipeline")
     parser.add_argument("--to", metavar="FOLDER", help="where --export writes the pipeline")
     parser.add_argument("--push", metavar="FOLDER", help="upload an exported pipeline folder to --hub_model_id")
-    args, overrides = parser.parse_known_args(argv)
+    add_config_flags(parser, TrainConfig, title="the keys of TrainConfig (each may also come from --config)")
+    return parser
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    refuse_other_spellings(parser, argv, TrainConfig)
+    args = parser.parse_args(argv)
+    options = given_values(args, TrainConfig)
     try:
         if args.export or args.push:
-            options = parse_overrides(overrides)
             allowed = {"hub_model_id", "hub_private"} | ({"export_sampler"} if args.export else set())
             unknown = sorted(set(options) - allowed)
             if unknown:
@@ -49,8 +60,7 @@ def main(argv=None) -> None:
                     sys.exit(f"error: {e}")
             return
         values = load_config_file(args.config) if args.config else {}
-        values.update(parse_overrides(overrides))
-        config = TrainConfig.from_dict(values)
+        config = TrainConfig.from_dict({**values, **options})
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     try:

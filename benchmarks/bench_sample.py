@@ -14,8 +14,8 @@ import argparse
 import torch
 from common import environment, median_seconds, peak_memory_gib, pick_device, print_table, reset_peak_memory, write_json
 
-from mcvd_diffusers import PRESETS, MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler, make_sampler
-from mcvd_diffusers.evaluation import parse_sampler
+from mcvd_diffusers import PRESETS, MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler
+from mcvd_diffusers.schedulers import SamplerSpec
 from mcvd_diffusers.runtime import autocast, check_precision, maybe_compile
 
 
@@ -60,7 +60,7 @@ def main():
     args = parser.parse_args()
     device = pick_device(args.device)
     try:
-        samplers = [parse_sampler(s) for s in args.samplers]
+        samplers = [SamplerSpec.parse(s) for s in args.samplers]
         check_precision(args.precision, device)
         if not args.model and args.preset not in PRESETS:
             raise ValueError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
@@ -84,8 +84,10 @@ def main():
         with autocast(args.precision, device):
             compiled = maybe_compile(pipe.unet, lambda: pipe(past, num_inference_steps=1))
     rows = []
-    for (name, steps), spec in zip(samplers, args.samplers):
-        pipe.scheduler = make_sampler(name, pipe.scheduler.config)
+    trained_config = pipe.scheduler.config  # every sampler from the pipeline's own config, not the previous one's
+    for sampler in samplers:
+        spec, steps = str(sampler), sampler.steps
+        pipe.scheduler = sampler.build(trained_config)
         for batch in batch_sizes:
             if batch == "max":
                 result = largest_batch(pipe, steps, device, args.precision, args.num_frames, args.repeats,

@@ -22,8 +22,9 @@ from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.evaluation import copy_last_frame
 from mcvd_diffusers.metrics import FrameMetrics
 from mcvd_diffusers.runtime import autocast
-from mcvd_diffusers.schedulers import make_sampler, parse_sampler
-from mcvd_diffusers.training import TrainConfig, ValidationSet
+from mcvd_diffusers.schedulers import SamplerSpec
+from mcvd_diffusers.config import TrainConfig
+from mcvd_diffusers.validation import ValidationSet
 
 METRICS = ("mse", "ssim", "ssim_binarized", "lpips_alex")
 
@@ -39,8 +40,10 @@ def main():
     parser.add_argument("--precision", default="fp32", help="autocast for the UNet: fp32 or bf16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    for spec in args.samplers:
-        parse_sampler(spec)
+    try:
+        samplers = [SamplerSpec.parse(spec) for spec in args.samplers]
+    except ValueError as e:
+        parser.error(str(e))
     if args.val_clips < 1 or args.samples < 1:
         parser.error("--val-clips and --samples must be >= 1")
     info_file = Path(args.model) / "training_info.json"
@@ -60,11 +63,11 @@ def main():
     past, current, _ = unet.split_clip(clips)
     rows = [{"sampler": "copy last frame", **{k: v.mean().item() for k, v in
                                               frame_metrics(copy_last_frame(past, current.shape[1]), current).items()}}]
-    for spec in args.samplers:
-        name, steps = parse_sampler(spec)
+    for sampler in samplers:
+        spec, steps = str(sampler), sampler.steps
         with autocast(args.precision, "cpu"):
             scores = score(unet, trained, clips, spec, frame_metrics, samples=args.samples)
-            timed = MCVDPipeline(unet=unet, scheduler=make_sampler(name, trained.config))
+            timed = MCVDPipeline(unet=unet, scheduler=sampler.build(trained.config))
             timed.set_progress_bar_config(disable=True)
             latency = median_seconds(lambda: timed(past[:1], num_inference_steps=steps), torch.device("cpu"), 3)
         rows.append({"sampler": spec, "steps": steps, "seconds_batch1": latency, **scores})

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mcvd_diffusers import PRESETS, MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
 from mcvd_diffusers.runtime import PRECISIONS, autocast, check_precision, maybe_compile, to_channels_last
-from mcvd_diffusers.training import diffusion_loss
+from mcvd_diffusers.losses import diffusion_loss
 
 
 def make_step(preset, precision, batch_size, device, channels_last=False, compile=False, fused=False):

@@ -13,7 +13,7 @@ import torch
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.pipeline_mcvd import MCVDPipeline
 from mcvd_diffusers.runtime import device_name, synchronize, versions
-from mcvd_diffusers.schedulers import make_sampler, parse_sampler
+from mcvd_diffusers.schedulers import SamplerSpec
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -89,11 +89,12 @@ def write_json(path: str | None, payload: dict) -> None:
 
 
 @torch.no_grad()
-def score(unet, scheduler, clips: torch.Tensor, sampler: str, frame_metrics, samples: int = 1) -> dict:
+def score(unet, scheduler, clips: torch.Tensor, sampler: SamplerSpec | str, frame_metrics, samples: int = 1) -> dict:
     """Mean metrics of ``samples`` predictions per clip (seeded per clip and sample) of the clips'
     current frames from their past, with a named sampler built from ``scheduler``'s config."""
-    name, steps = parse_sampler(sampler)
-    pipe = MCVDPipeline(unet=unet, scheduler=make_sampler(name, scheduler.config))
+    sampler = SamplerSpec.parse(sampler)
+    steps = sampler.steps
+    pipe = MCVDPipeline(unet=unet, scheduler=sampler.build(scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     past, current, _ = unet.split_clip(clips)
     totals = {}

@@ -34,8 +34,10 @@ from mcvd_diffusers.data.moving_mnist import MovingMNIST
 from mcvd_diffusers.evaluation import copy_last_frame
 from mcvd_diffusers.metrics import FrameMetrics
 from mcvd_diffusers.runtime import autocast
-from mcvd_diffusers.schedulers import make_noise_scheduler, parse_sampler
-from mcvd_diffusers.training import TrainConfig, ValidationSet, build_unet, diffusion_loss
+from mcvd_diffusers.schedulers import SamplerSpec, make_noise_scheduler
+from mcvd_diffusers.config import TrainConfig, build_unet
+from mcvd_diffusers.losses import diffusion_loss
+from mcvd_diffusers.validation import ValidationSet
 
 # What every candidate shares unless it says otherwise: the cpu preset's widths at patch 2, x0 prediction.
 BASE = dict(preset="cpu", patch_size=2, prediction_type="sample", batch_size=16, learning_rate=1e-3, mixed_precision="bf16",
@@ -168,7 +170,10 @@ def main():
     args = parser.parse_args()
     if args.minutes <= 0 or args.threads < 1 or args.parallel < 1 or args.val_clips < 1:
         parser.error("--minutes must be > 0, --threads, --parallel and --val-clips >= 1")
-    parse_sampler(args.sampler)
+    try:
+        SamplerSpec.parse(args.sampler)
+    except ValueError as e:
+        parser.error(str(e))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.worker:

@@ -111,10 +111,33 @@ def prune(checkpoint: Path) -> None:
     shutil.rmtree(checkpoint)
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, ema: EMAModel,
-                    parameter_names: list[str], generator: torch.Generator, trainer_state: dict,
+def register_checkpoint_hooks(accelerator: Accelerator, ema: EMAModel, parameter_names: list[str],
+                              generator: torch.Generator) -> None:
+    """Makes Accelerate's ``save_state``/``load_state`` carry the EMA weights and each process's
+    data-and-noise generator, as safetensors (Accelerate's own ``register_for_checkpointing`` would
+    pickle them). The EMA counters and the LR schedule are plain JSON in ``trainer_state.json``."""
+
+    def save_extras(models, weights, output_dir):
+        save_file({"state": generator.get_state()}, str(Path(output_dir) / _generator_file(accelerator.process_index)))
+        if accelerator.is_main_process:
+            save_file({name: p.detach().cpu().contiguous() for name, p in zip(parameter_names, ema.shadow_params)},
+                      str(Path(output_dir) / EMA_FILE))
+
+    def load_extras(models, input_dir):
+        state = read_trainer_state(Path(input_dir))
+        weights = read_ema_weights(Path(input_dir))
+        ema.load_state_dict({**state["ema"], "shadow_params": [weights[name] for name in parameter_names]})
+        ema.to(accelerator.device)
+        generator.set_state(load_file(str(Path(input_dir) / _generator_file(accelerator.process_index)))["state"])
+
+    accelerator.register_save_state_pre_hook(save_extras)
+    accelerator.register_load_state_pre_hook(load_extras)
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, trainer_state: dict,
                     total_limit: int | None) -> Path:
-    """Saves a checkpoint (every process calls this) and prunes the oldest beyond ``total_limit``."""
+    """Saves a checkpoint (every process calls this; the hooks of ``register_checkpoint_hooks`` add the
+    EMA and the generators) and prunes the oldest beyond ``total_limit``."""
     final = checkpoints_dir / f"checkpoint-{step}"
     tmp = checkpoints_dir / f".checkpoint-{step}.partial"
     with explain_disk_full(tmp):
@@ -123,16 +146,10 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
-        save_file({"state": generator.get_state()}, str(tmp / _generator_file(accelerator.process_index)))
-        if accelerator.is_main_process:
-            save_file({name: p.detach().cpu().contiguous() for name, p in zip(parameter_names, ema.shadow_params)},
-                      str(tmp / EMA_FILE))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            ema_counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            state = {**trainer_state, "step": step, "ema": ema_counters, "num_processes": accelerator.num_processes,
-                     "files": files}
+            state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes, "files": files}
             write_json_durably(tmp / STATE_FILE, state)  # written last: marks the folder complete
             replace_dir(tmp, final)
             if total_limit is not None:
@@ -225,9 +242,10 @@ def read_ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, model: torch.nn.Module, ema: EMAModel,
-                    parameter_names: list[str], generator: torch.Generator) -> dict:
-    """Restores everything ``save_checkpoint`` wrote (``model``: the unwrapped model); returns the
-    trainer state. Tensors that are missing, unexpected or non-finite are refused before any is loaded."""
+                    parameter_names: list[str]) -> dict:
+    """Restores everything ``save_checkpoint`` wrote (``model``: the unwrapped model; the EMA and the
+    generator through the hooks); returns the trainer state. Tensors that are missing, unexpected or
+    non-finite are refused before any is loaded."""
     state = verify_checkpoint(checkpoint)
     if state["num_processes"] != accelerator.num_processes:
         raise ValueError(f"{checkpoint} was written by {state['num_processes']} processes; resume it with the same "
@@ -253,7 +271,4 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, model: torch.nn.
         accelerator.load_state(str(checkpoint))
     except (OSError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"cannot restore {checkpoint}: {e}") from e
-    ema.load_state_dict({**state["ema"], "shadow_params": [weights[name] for name in parameter_names]})
-    ema.to(accelerator.device)
-    generator.set_state(load_file(str(generator_path))["state"])
     return state

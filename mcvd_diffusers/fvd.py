@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.video_processor import VideoProcessor
 
 from .models.i3d import MIN_FRAMES, STANDARD_SIZE, I3D, load_i3d
 
@@ -115,7 +116,7 @@ def i3d_inputs(videos: torch.Tensor, resize_to: int = STANDARD_SIZE) -> torch.Te
     x = videos.flatten(0, 1).float()
     if tuple(x.shape[-2:]) != (resize_to, resize_to):
         x = F.interpolate(x, size=(resize_to, resize_to), mode="bilinear", align_corners=False, antialias=False)
-    x = x.expand(-1, 3, -1, -1) * 2 - 1  # grey -> RGB (no-op for 3 channels), then [0, 1] -> [-1, 1]
+    x = VideoProcessor.normalize(x.expand(-1, 3, -1, -1))  # grey -> RGB (no-op for 3 channels), then [-1, 1]
     return x.reshape(batch, frames, 3, resize_to, resize_to).transpose(1, 2)
 
 

@@ -1,24 +1,37 @@
 """The model card of an exported pipeline, and its upload to the Hugging Face Hub.
 
 An exported pipeline folder holds ``training_info.json`` (config, data source, steps, losses,
-and the evaluation once eval_mcvd.py has run with --update-model-card); its ``README.md``
-is rendered from that file and the template ``pipeline_card.md``.
+and the evaluation once eval_mcvd.py has run with --update_model_card); its ``README.md``
+is rendered from that file and the template ``pipeline_card.md`` (Jinja, through huggingface_hub's
+``ModelCard.from_template``), with the Hub's metadata in its YAML front matter (``card_metadata``).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+import jinja2
+import jinja2.meta
 import yaml
-from huggingface_hub import HfApi
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .pipeline_mcvd import check_pipeline_folder
 
 CARD_TEMPLATE = Path(__file__).with_name("pipeline_card.md")  # a link to the repository's pipeline_card.md
 INFO_FILE = "training_info.json"
-_PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
+
+# The card's metadata. custom_code: an export carries the pipeline's and the UNet's code (trust_remote_code).
+TAGS = ["video-prediction", "mcvd", "moving-mnist", "diffusers", "custom_code"]
+# The Hub dataset of the pixels: every training (and generated test) clip is rendered from MNIST digits; the
+# Hub holds no canonical Moving MNIST, and the clips themselves are made on the fly.
+DATASETS = ["ylecun/mnist"]
+# Frames in, a video out: the Hub's nearest task (its task list has no video prediction).
+PIPELINE_TAG = "image-to-video"
+# The evaluation numbers in the card's model-index: the shipped sampler's, mean of the k samples per clip.
+CARD_METRICS = {"mse": "MSE", "ssim": "SSIM", "ssim_binarized": "binarized SSIM", "lpips_alex": "LPIPS-alex",
+                "lpips_vgg": "LPIPS-vgg", "fvd": "FVD"}
+TEST_SETS = {"generated": "generated from MNIST test digits", "official": "mnist_test_seq.npy, Srivastava et al. 2015"}
 
 
 class HubUploadError(RuntimeError):
@@ -42,6 +55,40 @@ def _local_name(folder: str, output_dir: str) -> str:
     return Path(output_dir).name if name in ("pipeline", "best") else name
 
 
+def _eval_results(evaluation: dict) -> list[EvalResult]:
+    """The shipped sampler's numbers (mean of k samples per clip; FVD, a number per set, when measured) as the
+    Hub's model-index entries; none for an evaluation without the shipped sampler, or one recorded before
+    evaluations kept their numbers (``results``)."""
+    shipped, k = evaluation.get("shipped_sampler"), evaluation.get("samples_per_clip")
+    test_set = evaluation.get("test_set")
+    values = {r["metric"]: r["value"] for r in evaluation.get("results") or []
+              if r["row"] == shipped and r["aggregate"] in ("mean_of_k", None)}
+    clips = f"{evaluation.get('num_clips')} test clips ({TEST_SETS.get(test_set, test_set)})"
+    return [EvalResult(task_type="video-prediction", task_name="Video Prediction", dataset_type="moving-mnist",
+                       dataset_name=f"Moving MNIST, {clips}", dataset_config=test_set, dataset_split="test",
+                       metric_type=metric, metric_value=values[metric],
+                       metric_name=f"{title} ({shipped})" if metric == "fvd" else
+                       f"{title} ({shipped}, mean of {k} samples per clip)")
+            for metric, title in CARD_METRICS.items() if metric in values]
+
+
+def card_metadata(info: dict, model_name: str) -> ModelCardData:
+    """The card's YAML front matter: library, license, tags, training data, task, and the model-index of the
+    evaluation that eval_mcvd.py --update_model_card recorded, if any."""
+    results = _eval_results(info.get("evaluation") or {})
+    return ModelCardData(library_name="diffusers", license="mit", tags=TAGS, datasets=DATASETS,
+                         pipeline_tag=PIPELINE_TAG, model_name=model_name if results else None,
+                         eval_results=results or None)
+
+
+def _check_placeholders(template: str, filled: set[str]) -> None:
+    """A placeholder nobody fills is an error: ModelCard.from_template renders it as nothing (Jinja's default
+    Undefined; it takes no ``undefined=``), so the template's variables are checked first."""
+    missing = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)) - filled
+    if missing:
+        raise ValueError(f"{CARD_TEMPLATE} uses placeholders nobody fills: {sorted(missing)}")
+
+
 def render_model_card(info: dict, repo_id: str) -> str:
     """The card's text for a pipeline trained as ``info`` records; ``repo_id`` goes into the usage snippet."""
     config = info["config"]
@@ -57,7 +104,7 @@ def render_model_card(info: dict, repo_id: str) -> str:
                    f"{evaluation['samples_per_clip']} samples per clip, device {evaluation['device']}:\n\n"
                    f"{evaluation['table']}")
     else:
-        metrics = ("Not evaluated yet. Run `python eval_mcvd.py --model PATH --out results/NAME --update-model-card` "
+        metrics = ("Not evaluated yet. Run `python eval_mcvd.py --model PATH --out results/NAME --update_model_card` "
                    "to add the table here.")
     values = {
         "model_name": config.get("hub_model_id") or _local_name(repo_id, config["output_dir"]),
@@ -80,11 +127,11 @@ def render_model_card(info: dict, repo_id: str) -> str:
         "config": yaml.safe_dump(config, sort_keys=False).strip(),
         "metrics": metrics,
     }
-    template = CARD_TEMPLATE.read_text()
-    missing = sorted(set(_PLACEHOLDER.findall(template)) - set(values))
-    if missing:
-        raise ValueError(f"{CARD_TEMPLATE} uses placeholders nobody fills: {missing}")
-    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+    metadata = card_metadata(info, values["model_name"])
+    # from_template also passes the metadata's own keys and card_data (the YAML front matter) to the template
+    _check_placeholders(CARD_TEMPLATE.read_text(), {"card_data", *metadata.to_dict(), *values})
+    text = str(ModelCard.from_template(metadata, template_path=str(CARD_TEMPLATE), **values))
+    return text if text.endswith("\n") else text + "\n"  # Jinja drops the template's final newline
 
 
 def read_training_info(folder: str | Path) -> dict:

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers.video_processor import VideoProcessor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
@@ -116,7 +117,7 @@ class FrameMetrics:
     @staticmethod
     def _lpips(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         lead = prediction.shape[:-3]
-        as_rgb = lambda x: (x.flatten(0, -4) * 2 - 1).expand(-1, 3, -1, -1)  # noqa: E731  grey -> 3 channels
+        as_rgb = lambda x: VideoProcessor.normalize(x.flatten(0, -4)).expand(-1, 3, -1, -1)  # noqa: E731  grey -> 3 channels
         if prediction.shape[-3] not in (1, 3):
             raise ValueError(f"LPIPS needs 1- or 3-channel frames, got {prediction.shape[-3]}")
         metric.reset()

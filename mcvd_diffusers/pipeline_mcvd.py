@@ -184,7 +184,7 @@ class MCVDPipeline(DiffusionPipeline):
                 )
         else:
             raise ValueError(f"{name} must be uint8 (0..255) or float (0..1), got {frames.dtype}")
-        return (frames * 2 - 1).to(device=self._execution_device, dtype=self.unet.dtype)
+        return self.video_processor.normalize(frames).to(device=self._execution_device, dtype=self.unet.dtype)
 
     def check_inputs(self, past_frames, future_frames, num_frames, num_inference_steps, batch_size, output_type):
         cfg = self.unet.config

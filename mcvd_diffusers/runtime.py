@@ -14,8 +14,9 @@ import warnings
 
 import torch
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# One vocabulary for precision: "no" is Accelerate's name for fp32 (TrainConfig.mixed_precision uses Accelerate's
+# names, which it passes on as they are), "fp32" the evaluation's and the benchmarks'.
+PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def device_name(device: torch.device | str) -> str:
@@ -23,6 +24,26 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device: cpu, cuda, cuda:N (default: cuda when available, else cpu); a clear error otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for, but no CUDA GPU is available here (torch "
+                             f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise ValueError(f"device {name!r} is not available here; use cpu")
+    return device
 
 
 def versions() -> dict:

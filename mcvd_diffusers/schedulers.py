@@ -11,6 +11,8 @@ the reproduction's DDIM collapse.
 from __future__ import annotations
 
 import math
+import typing
+from dataclasses import dataclass
 
 import torch
 
@@ -87,11 +89,39 @@ def make_sampler(name: str, config) -> SchedulerMixin:
     return cls.from_config(config, **overrides)
 
 
-def parse_sampler(spec: str) -> tuple[str, int]:
-    """ "ddim:50" -> ("ddim", 50)."""
-    name, sep, steps = spec.partition(":")
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} in {spec!r}; choose one of {sorted(SAMPLERS)} as NAME:STEPS")
-    if not sep or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"sampler {spec!r} needs a step count >= 1, as {name}:50")
-    return name, int(steps)
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A named sampler and its step count, written NAME:STEPS ("ddim:20"): parsed once where a user
+    writes it (a config, a command line), then passed around as this value."""
+
+    name: str
+    steps: int
+    FORMAT: typing.ClassVar[str] = f"NAME:STEPS with NAME one of {sorted(SAMPLERS)} and STEPS >= 1"
+
+    def __post_init__(self):
+        if self.name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.name!r} in {str(self)!r}; choose one of {sorted(SAMPLERS)} as "
+                             "NAME:STEPS")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"sampler {str(self)!r} needs a step count >= 1, as {self.name}:50")
+
+    @classmethod
+    def parse(cls, spec: "str | SamplerSpec") -> "SamplerSpec":
+        """ "ddim:50" -> SamplerSpec("ddim", 50); a SamplerSpec is returned as it is."""
+        if isinstance(spec, SamplerSpec):
+            return spec
+        if not isinstance(spec, str):
+            raise ValueError(f"a sampler is written NAME:STEPS (e.g. ddim:50), got {spec!r}")
+        name, sep, steps = spec.partition(":")
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r} in {spec!r}; choose one of {sorted(SAMPLERS)} as NAME:STEPS")
+        if not sep or not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"sampler {spec!r} needs a step count >= 1, as {name}:50")
+        return cls(name, int(steps))
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.steps}"
+
+    def build(self, trained_config) -> SchedulerMixin:
+        """The scheduler, from the trained (pipeline's own) scheduler config: never another sampler's."""
+        return make_sampler(self.name, trained_config)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from mcvd_diffusers import MCVDPipeline  # noqa: E402
 from mcvd_diffusers.checkpointing import STATE_FILE, list_checkpoints, verify_checkpoint  # noqa: E402
-from mcvd_diffusers.training import export_checkpoint  # noqa: E402
+from mcvd_diffusers.export import export_checkpoint  # noqa: E402
 
 STEPS = 600
 ARGS = ["--preset", "tiny", "--mnist_root", "bundled", "--image_size", "32", "--num_past_frames", "2",
@@ -180,7 +180,7 @@ BAD_VALUES = [
     ["eval_mcvd.py", "--model", "checkpoints/mmnist-5to10", "--out", "runs/x", "--device", "gpu"],
     ["eval_mcvd.py", "--model", "checkpoints/mmnist-5to10", "--out", "runs/x", "--device", "cuda"],
     ["eval_mcvd.py", "--model", "checkpoints/mmnist-5to10", "--out", "runs/x", "--samplers", "ddim:0"],
-    ["eval_mcvd.py", "--model", "checkpoints/mmnist-5to10", "--out", "runs/x", "--num-clips", "0"],
+    ["eval_mcvd.py", "--model", "checkpoints/mmnist-5to10", "--out", "runs/x", "--num_clips", "0"],
     ["eval_mcvd.py", "--model", "checkpoints/mmnist-5to10", "--out", "runs/x", "--precision", "fp8"],
     ["eval_mcvd.py", "--model", "nowhere/at/all", "--out", "runs/x"],
 ]

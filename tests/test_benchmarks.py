@@ -1,56 +1,243 @@
-"""Each benchmark at tiny size on the CPU: it runs, and its JSON holds positive numbers."""
+"""Each benchmark at tiny size on the CPU: it runs, its JSON holds the expected rows, and each time
+it reports is checked against an independent measurement of the same run.
+
+The speed benchmarks run in this process with the work they time instrumented (pipeline calls,
+UNet forwards, clip draws, optimizer steps), so a test sees what ran inside each timing: which
+sampler with how many network evaluations, under which autocast, with which optimizer. The bounds
+on a reported time need no tolerance, so a busy machine cannot break them: a timing that brackets
+some work lasts at least as long as that work, and at most from the end of the recorded call before
+it to the start of the recorded call after it; a median of such timings lies between the medians
+of those bounds. A benchmark that timed the wrong call, ran too few or too many steps, or turned
+seconds into a rate or a per-video figure wrongly reports a number outside them.
+"""
+import inspect
 import json
+import re
+import runpy
+import statistics
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from mcvd_diffusers import MCVDPipeline, MCVDUNet2DModel
+from mcvd_diffusers.data.moving_mnist import MovingMNIST
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+SLACK = 1e-6  # seconds: float rounding of perf_counter differences, nothing more
 
 
-def bench(script, tmp_path, *args):
-    out = tmp_path / f"{script}.json"
-    result = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args, "--device", "cpu", "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(out.read_text())
-    assert payload["device"].startswith("CPU") and payload["versions"]["torch"]
-    return payload, result.stdout
+@dataclass
+class Call:
+    kind: str
+    start: float
+    end: float
+    info: dict = field(default_factory=dict)
 
 
-def test_bench_train(tmp_path):
-    payload, stdout = bench("bench_train", tmp_path, "--presets", "tiny", "--precisions", "fp32", "bf16",
-                            "--batch-size", "2", "--steps", "1", "--fused-adamw")
+class Recorder:
+    """Wraps methods so that each call is recorded with its perf_counter interval and a description,
+    and runs a benchmark script in this process."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.calls = monkeypatch, []
+        self.run_start = self.run_end = None
+
+    def record(self, owner, name, kind, describe=lambda arguments: {}):
+        original = getattr(owner, name)
+        signature = inspect.signature(original)
+
+        def wrapper(*args, **kwargs):
+            info = describe(signature.bind(*args, **kwargs).arguments)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.calls.append(Call(kind, start, time.perf_counter(), info))
+
+        self.monkeypatch.setattr(owner, name, wrapper)
+
+    def of(self, kind, start=float("-inf"), end=float("inf")) -> list[Call]:
+        """Calls of one kind, in order, that lie within [start, end]."""
+        return sorted((c for c in self.calls if c.kind == kind and start <= c.start and c.end <= end),
+                      key=lambda c: c.start)
+
+    def bounds(self, start: float, end: float) -> tuple[float, float]:
+        """Least and most that a timing bracketing the work from ``start`` to ``end`` can measure: the
+        work itself, and the gap between the recorded calls (or the run's ends) around it."""
+        before = [c.end for c in self.calls if c.end <= start] + [self.run_start]
+        after = [c.start for c in self.calls if c.start >= end] + [self.run_end]
+        return end - start, min(after) - max(before)
+
+    def check_median(self, reported: float, intervals: list[tuple[float, float]], what: str) -> None:
+        lows, highs = zip(*(self.bounds(a, b) for a, b in intervals))
+        low, high = statistics.median(lows), statistics.median(highs)
+        assert low - SLACK <= reported <= high + SLACK, (
+            f"{what}: reported {reported:.6f} s, but the timed work took at least {low:.6f} s and the gaps "
+            f"around it allow at most {high:.6f} s")
+
+    def run(self, script, tmp_path, *args) -> dict:
+        """``python benchmarks/<script>.py ARGS --device cpu --out FILE`` in this process; its JSON."""
+        out = tmp_path / f"{script}.json"
+        self.monkeypatch.chdir(REPO)
+        self.monkeypatch.syspath_prepend(str(BENCHMARKS))
+        self.monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}.py", *args, "--device", "cpu", "--out", str(out)])
+        _forget_benchmark_modules()  # imported afresh, so that they see the wrapped methods
+        self.run_start = time.perf_counter()
+        try:
+            runpy.run_path(str(BENCHMARKS / f"{script}.py"), run_name="__main__")
+        finally:
+            self.run_end = time.perf_counter()
+            _forget_benchmark_modules()
+        payload = json.loads(out.read_text())
+        assert payload["device"].startswith("CPU") and payload["versions"]["torch"]
+        return payload
+
+    def training_steps(self) -> list[tuple[int, float, float]]:
+        """(optimizer id, start, end) of each training step: from the clip draw that opens it to the
+        optimizer's zero_grad that closes it."""
+        steps = []
+        for zero in self.of("zero_grad"):
+            previous_end = steps[-1][2] if steps else float("-inf")
+            draws = [c for c in self.of("sample", previous_end, zero.start)]
+            assert draws, "an optimizer step without a clip drawn for it"
+            steps.append((zero.info["optimizer"], draws[-1].start, zero.end))
+        return steps
+
+    def record_training(self) -> None:
+        self.record(MovingMNIST, "__init__", "data")  # marks where a step's set-up begins
+        self.record(MovingMNIST, "sample", "sample", lambda a: {"batch": a["batch_size"], "data": id(a["self"])})
+        self.record(MCVDUNet2DModel, "forward", "forward", lambda a: {
+            "autocast": torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+            "grad": torch.is_grad_enabled(), "batch": a["sample"].shape[0]})
+        self.record(torch.optim.AdamW, "zero_grad", "zero_grad",
+                    lambda a: {"optimizer": id(a["self"]), "fused": bool(a["self"].defaults.get("fused"))})
+
+
+def _forget_benchmark_modules():
+    for name, module in list(sys.modules.items()):
+        if Path(getattr(module, "__file__", None) or "/").parent == BENCHMARKS:
+            del sys.modules[name]
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    return Recorder(monkeypatch)
+
+
+def test_bench_train(tmp_path, recorder, capsys):
+    recorder.record_training()
+    payload = recorder.run("bench_train", tmp_path, "--presets", "tiny", "--precisions", "fp32", "bf16",
+                           "--batch-size", "2", "--steps", "1", "--fused-adamw")
     assert payload["bf16_matmul_TFLOPs"] > 0
     rows = payload["results"]
     assert [(r["precision"], r["fast_paths"]) for r in rows] == [("fp32", "eager"), ("fp32", "fused_adamw"),
                                                                  ("bf16", "fused_adamw")]
     for row in rows:
         for key in ("step_s", "samples_per_s", "train_GFLOP_per_sample", "achieved_TFLOPs", "mfu",
-                    "speedup_vs_fp32_eager", "parameters_M"):
+                    "speedup_vs_fp32_eager"):
             assert row[key] > 0, key
-    # forward + backward is about 3 forward passes of 0.78 GFLOP for the tiny preset
+    # forward + backward is about 3 forward passes of the tiny preset's 0.78 GFLOP (0.85 counting attention)
     assert 1.5 < rows[0]["train_GFLOP_per_sample"] < 4
-    assert "MFU" in stdout
+    tiny = sum(p.numel() for p in MCVDUNet2DModel.from_preset("tiny").parameters())
+    assert [r["parameters_M"] for r in rows] == [tiny / 1e6] * 3
+    assert "MFU" in capsys.readouterr().out
+
+    # Each row has its own optimizer, created in the rows' order; its last step is the timed one
+    # (--steps 1), after at least one warm-up step.
+    steps = recorder.training_steps()
+    optimizers = list(dict.fromkeys(optimizer for optimizer, _, _ in steps))
+    assert len(optimizers) == len(rows)
+    for row, optimizer in zip(rows, optimizers):
+        what = f"{row['precision']} {row['fast_paths']}"
+        mine = [(start, end) for opt, start, end in steps if opt == optimizer]
+        assert len(mine) >= 2, f"{what}: no warm-up step"
+        start, end = mine[-1]
+        fused = {c.info["fused"] for c in recorder.of("zero_grad") if c.info["optimizer"] == optimizer}
+        assert fused == {row["fast_paths"] == "fused_adamw"}, f"{what}: fused AdamW is {fused}"
+        (forward,) = recorder.of("forward", start, end)  # one training forward per step, of the batch
+        assert forward.info["grad"] and forward.info["batch"] == row["batch_size"] == 2, what
+        assert forward.info["autocast"] == {"bf16": torch.bfloat16, "fp32": None}[row["precision"]], what
+        recorder.check_median(row["step_s"], [(start, end)], f"step_s of {what}")
+        recorder.check_median(row["batch_size"] / row["samples_per_s"], [(start, end)], f"samples_per_s of {what}")
 
 
-def test_bench_sample(tmp_path):
-    payload, _ = bench("bench_sample", tmp_path, "--samplers", "ddim:2", "dpm++:3", "--batch-sizes", "1", "2")
+def test_bench_sample(tmp_path, recorder):
+    recorder.record(MCVDPipeline, "__call__", "pipeline", lambda a: {
+        "batch": a["past_frames"].shape[0], "steps": a["num_inference_steps"], "frames": a["num_frames"],
+        "scheduler": a["self"].scheduler})
+    recorder.record(MCVDUNet2DModel, "forward", "forward")
+    payload = recorder.run("bench_sample", tmp_path, "--samplers", "ddim:2", "dpm++:3", "--batch-sizes", "1", "2",
+                           "--repeats", "1")
     rows = payload["results"]
     assert [(r["sampler"], r["batch_size"]) for r in rows] == [("ddim:2", 1), ("ddim:2", 2), ("dpm++:3", 1),
                                                                ("dpm++:3", 2)]
     for row in rows:
         assert row["videos_per_s"] > 0 and row["seconds_per_video"] > 0 and row["peak_memory_GiB"] > 0
-        assert row["videos_per_s"] == pytest.approx(1 / row["seconds_per_video"])
+
+    # The pipeline calls of one row share a scheduler and a batch: warm-up, then the timed call.
+    calls = recorder.of("pipeline")
+    groups = [list(g) for _, g in groupby(calls, key=lambda c: (id(c.info["scheduler"]), c.info["batch"]))]
+    assert len(groups) == len(rows)
+    schedulers = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+    for row, group in zip(rows, groups):
+        what = f"{row['sampler']} at batch {row['batch_size']}"
+        name, steps = row["sampler"].split(":")
+        assert len(group) >= 2, f"{what}: no warm-up call"
+        timed = group[-1]
+        assert type(timed.info["scheduler"]) is schedulers[name], what
+        assert (timed.info["batch"], timed.info["steps"], timed.info["frames"]) == (row["batch_size"], int(steps), 10)
+        # one video is one block of 10 frames here: one network evaluation per step
+        assert len(recorder.of("forward", timed.start, timed.end)) == int(steps), what
+        interval = [(timed.start, timed.end)]
+        recorder.check_median(row["seconds_per_batch"], interval, f"seconds_per_batch of {what}")
+        recorder.check_median(row["seconds_per_video"] * row["batch_size"], interval, f"seconds_per_video of {what}")
+        recorder.check_median(row["batch_size"] / row["videos_per_s"], interval, f"videos_per_s of {what}")
 
 
-def test_bench_data(tmp_path):
-    payload, stdout = bench("bench_data", tmp_path, "--batch-sizes", "4", "16", "--train-batch-size", "2")
+def test_bench_data(tmp_path, recorder, capsys):
+    recorder.record_training()
+    payload = recorder.run("bench_data", tmp_path, "--batch-sizes", "4", "16", "--train-batch-size", "2",
+                           "--repeats", "3")
     assert [r["batch_size"] for r in payload["results"]] == [4, 16]
-    assert all(r["sequences_per_s"] > 0 for r in payload["results"])
-    assert payload["train_samples_per_s"] > 0 and payload["data_over_train_ratio"] > 0
-    assert "x" in stdout.splitlines()[-2]
+    summary = capsys.readouterr().out.splitlines()[-2]
+
+    # Generation is timed first, on one MovingMNIST: per batch size (then the training batch) a
+    # run of draws whose last --repeats are the timed ones.
+    first = recorder.of("sample")[0].info["data"]
+    draws = [c for c in recorder.of("sample") if c.info["data"] == first]
+    groups = [(batch, list(g)) for batch, g in groupby(draws, key=lambda c: c.info["batch"])]
+    assert [batch for batch, _ in groups] == [4, 16, 2]
+    reported = [r["sequences_per_s"] for r in payload["results"]] + [payload["data_sequences_per_s_at_train_batch"]]
+    for (batch, group), rate in zip(groups, reported):
+        assert len(group) > 3, f"batch {batch}: no warm-up draw"
+        recorder.check_median(batch / rate, [(c.start, c.end) for c in group[-3:]], f"sequences_per_s at {batch}")
+
+    # Then training steps of the preset at the training batch (the median of 3, after a warm-up).
+    steps = recorder.training_steps()
+    assert len({optimizer for optimizer, _, _ in steps}) == 1 and len(steps) > 3
+    for _, start, end in steps:
+        (forward,) = recorder.of("forward", start, end)
+        assert forward.info["grad"] and forward.info["batch"] == 2 and forward.info["autocast"] is None
+    recorder.check_median(2 / payload["train_samples_per_s"], [(s, e) for _, s, e in steps[-3:]],
+                          "train_samples_per_s")
+
+    # what the script is for: generation is never the bottleneck, not even for the tiny preset
+    # (about 100x faster than a training step on a 2-core CPU; see benchmarks/RESULTS.md)
+    assert payload["data_over_train_ratio"] > 1
+    match = re.fullmatch(r"at batch 2: generation (\S+) sequences/s vs training \(tiny\) (\S+) samples/s: (\S+)x",
+                         summary)
+    assert match, summary
+    assert [float(match[1]), float(match[2])] == pytest.approx(
+        [payload["data_sequences_per_s_at_train_batch"], payload["train_samples_per_s"]], rel=1e-3)
+    assert float(match[3]) == pytest.approx(payload["data_over_train_ratio"], abs=0.051)
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ def test_train_then_evaluate_writes_a_gif_and_metrics(tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "data: bundled MNIST sample" in trained.stdout
     evaluated = run("eval_mcvd.py", "--model", str(run_dir / "pipeline"), "--samplers", "ddpm:3", "ddim:2",
-                    "--num-clips", "2", "--samples-per-clip", "2", "--mnist-root", "bundled",
-                    "--out", str(tmp_path / "eval"), "--update-model-card")
+                    "--num_clips", "2", "--samples_per_clip", "2", "--mnist_root", "bundled",
+                    "--out", str(tmp_path / "eval"), "--update_model_card")
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"report: {tmp_path / 'eval'}/report.html" in evaluated.stdout
     assert "| ddim:2 | 2 |" in evaluated.stdout  # the summary table is printed
@@ -46,8 +46,28 @@ def test_train_then_evaluate_writes_a_gif_and_metrics(tmp_path):
         (["train_mcvd.py", "--push", "runs/none/pipeline"], "push_to_hub needs hub_model_id"),
         (["train_mcvd.py", "--push", "runs/none/pipeline", "--hub_model_id", "u/m", "--max_steps", "3"],
          "take only --hub_model_id and --hub_private"),
+        (["train_mcvd.py", "--config", "configs/tiny.yaml", "--max-steps", "3"], "--max-steps is spelled --max_steps"),
+        (["eval_mcvd.py", "--model", "m", "--out", "x", "--num-clips", "3"], "--num-clips is spelled --num_clips"),
+        (["eval_mcvd.py", "--model", "m", "--out", "x", "--no-timing"], "--no-timing is not a flag any more: use "
+                                                                         "--timing false"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message):
     result = run(*args)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_both_commands_document_every_key_from_the_config_dataclasses():
+    import eval_mcvd
+    import train_mcvd
+
+    from mcvd_diffusers.cli import field_docs
+    from mcvd_diffusers.config import TrainConfig
+    from mcvd_diffusers.evaluation import EvalConfig
+
+    for module, cls in ((train_mcvd, TrainConfig), (eval_mcvd, EvalConfig)):
+        text = "".join(module.build_parser().format_help().split())  # argparse wraps lines, also at hyphens
+        docs = field_docs(cls)
+        for name, doc in docs.items():
+            assert f"--{name}" in text and "".join(doc.split()) in text, (cls.__name__, name, doc)
+    assert field_docs(TrainConfig)["learning_rate"] == "AdamW's peak learning rate"

@@ -286,7 +286,7 @@ def test_reproduction_protocol_on_the_command_line(monkeypatch):
     seen = []
     monkeypatch.setattr(eval_mcvd, "evaluate", lambda cfg: seen.append(cfg) or (_ for _ in ()).throw(ValueError("x")))
     for argv, clips, samples in ((["--protocol", "reproduction"], 30, 1),
-                                 (["--protocol", "reproduction", "--num-clips", "8"], 8, 1),
+                                 (["--protocol", "reproduction", "--num_clips", "8"], 8, 1),
                                  ([], 256, 10)):
         with pytest.raises(SystemExit):
             eval_mcvd.main(["--model", "m", "--out", "o", *argv])

@@ -4,7 +4,7 @@ from diffusers.training_utils import EMAModel
 from mcvd_diffusers import MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler, make_sampler
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
-from mcvd_diffusers.training import diffusion_loss
+from mcvd_diffusers.losses import diffusion_loss
 
 
 def test_tiny_model_learns_to_predict_a_moving_digit():

@@ -97,3 +97,25 @@ def test_download_verifies_checksums(mnist_dir, tmp_path):
 def test_unknown_split():
     with pytest.raises(ValueError, match="split must be one of"):
         load_mnist("validation", root="bundled")
+
+
+def test_download_file_verifies_md5_and_refuses_malformed_checksums(mnist_dir, tmp_path, monkeypatch):
+    """MD5 goes through torchvision's calculate_md5, SHA-256 (above) through the project's own."""
+    source = mnist_dir / "t10k-labels-idx1-ubyte.gz"
+    url, md5 = source.resolve().as_uri(), hashlib.md5(source.read_bytes()).hexdigest()
+    fetched = mnist.download_file(url, tmp_path / "good" / "labels.gz", "md5:" + md5.upper())  # either hex case
+    assert fetched == tmp_path / "good" / "labels.gz" and fetched.read_bytes() == source.read_bytes()
+    with pytest.raises(ValueError, match=rf"labels.gz: checksum mismatch \(md5 {md5}, expected 0{{32}}\)"):
+        mnist.download_file(url, tmp_path / "bad" / "labels.gz", "md5:" + "0" * 32)
+    assert not list((tmp_path / "bad").iterdir())  # neither the file nor its .part
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("fetched despite a malformed checksum")
+
+    monkeypatch.setattr(mnist.urllib.request, "urlopen", no_network)
+    for malformed in ("sha1:" + "0" * 40, md5, "md5:"):
+        with pytest.raises(ValueError, match="ALGORITHM:HEX with ALGORITHM one of \\['md5', 'sha256'\\]"):
+            mnist.download_file(url, tmp_path / "never" / "labels.gz", malformed)
+        with pytest.raises(ValueError, match="ALGORITHM:HEX"):  # not retried on every mirror as a failed download
+            mnist.download_mnist(tmp_path / "never", checksums={"labels.gz": malformed})
+    assert not (tmp_path / "never").exists()

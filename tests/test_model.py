@@ -1,9 +1,14 @@
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mcvd_diffusers import PRESETS, MCVDUNet2DModel
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def small(**overrides):
@@ -72,8 +77,39 @@ def test_forward_rejects_bad_shapes(kwargs, message):
         unet(args.pop("sample"), 10, **args)
 
 
+def _rounding(printed: str) -> float:
+    """Half a unit of the last digit a number was printed with: 4.66 -> 0.005."""
+    return 0.5 * 10 ** -len(printed.partition(".")[2])
+
+
+def test_every_preset_builds_and_has_the_size_the_readme_states():
+    """The README's preset table (parameters, forward GFLOP of one 64x64 sample) against each preset
+    built at its default frame layout; a forward pass on the meta device checks that the preset's
+    grid, widths and attention fit together and counts its FLOPs without computing anything."""
+    documented = {name: (params, gflop) for name, params, gflop in
+                  re.findall(r"^\| `(\w+)` \| ([\d.]+)M \| ([\d.]+) \|", README.read_text(), re.MULTILINE)}
+    assert set(documented) == set(PRESETS), "every preset, and only those, in the README's table"
+    for name, (params, gflop) in documented.items():
+        with torch.device("meta"), torch.no_grad():
+            unet = MCVDUNet2DModel.from_preset(name).eval()
+            x = torch.empty(1, unet.config.num_current_frames, *unet.frame_shape)
+            past = torch.empty(1, unet.config.num_past_frames, *unet.frame_shape)
+            with FlopCounterMode(display=False) as counter:
+                out = unet(x, torch.tensor([10]), past_frames=past).sample
+        assert unet.frame_shape == (1, 64, 64) and out.shape == x.shape, name
+        count = sum(p.numel() for p in unet.parameters())
+        assert abs(count / 1e6 - float(params)) <= _rounding(params), f"{name}: {count / 1e6:.3f}M, README {params}M"
+        # The README's figures come from torch.utils.flop_counter, some from before it counted attention
+        # on the CPU (torch < 2.15 left out _scaled_dot_product_flash_attention_for_cpu): each must lie
+        # between the count without attention and the count with it. On meta, attention runs as bmm.
+        flops = counter.get_flop_counts()["Global"]
+        attention = sum(n for op, n in flops.items() if "scaled_dot_product" in str(op) or str(op) == "aten.bmm")
+        total = counter.get_total_flops()
+        low, high = (total - attention) / 1e9 - _rounding(gflop), total / 1e9 + _rounding(gflop)
+        assert low <= float(gflop) <= high, f"{name}: {low:.3f}..{high:.3f} GFLOP, README {gflop}"
+
+
 def test_presets_and_bad_configs():
-    assert {"tiny", "paper", "fast"} <= set(PRESETS)
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         MCVDUNet2DModel.from_preset("huge")
     with pytest.raises(ValueError, match="unknown model config keys \\['channels'\\]"):

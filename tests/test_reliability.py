@@ -17,7 +17,9 @@ from test_training import _interrupt_data_at, assert_same_run, small_config, uni
 from mcvd_diffusers import checkpointing
 from mcvd_diffusers.checkpointing import STATE_FILE, list_checkpoints, resolve_checkpoint
 from mcvd_diffusers.interrupt import StopOnSignal
-from mcvd_diffusers.training import RUN_MARKER, TrainConfig, export_checkpoint, train
+from mcvd_diffusers.config import TrainConfig
+from mcvd_diffusers.export import export_checkpoint
+from mcvd_diffusers.trainer import RUN_MARKER, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,9 @@ import torch
 
 from mcvd_diffusers import MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers.runtime import autocast, check_precision, maybe_compile, to_channels_last
-from mcvd_diffusers.training import TrainConfig, diffusion_loss, train
+from mcvd_diffusers.config import TrainConfig
+from mcvd_diffusers.losses import diffusion_loss
+from mcvd_diffusers.trainer import train
 
 
 def loss_and_grads(unet, clip, precision="fp32"):

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v2 as imageio
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -15,9 +17,12 @@ from mcvd_diffusers.checkpointing import list_checkpoints
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
 from mcvd_diffusers.hub import push_to_hub
 from mcvd_diffusers.lr_schedules import make_lr_schedule
-from mcvd_diffusers.masking import draw_keep_mask
-from mcvd_diffusers.training import (TrainConfig, ValidationSet, export_checkpoint, min_snr_weights, parse_overrides,
-                                     train)
+from mcvd_diffusers.config import TrainConfig, load_config_file
+from mcvd_diffusers.export import export_checkpoint
+from mcvd_diffusers.losses import draw_keep_mask, min_snr_weights
+from mcvd_diffusers.schedulers import SamplerSpec
+from mcvd_diffusers.trainer import train
+from mcvd_diffusers.validation import ValidationSet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +59,8 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    train(small_config(out))
+    # GIFs and TensorBoard on: neither may change the weights (the other runs of these tests have them off)
+    train(small_config(out, sample_every=2, sample_clips=2, sample_sampler="ddim:2", report_to="tensorboard"))
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -97,23 +103,32 @@ def test_config_rejects_unknown_keys_and_bad_values():
             TrainConfig.from_dict(bad)
 
 
-def test_command_line_overrides_are_typed():
-    config = TrainConfig.from_dict(parse_overrides(
-        ["--max_steps", "7", "--learning_rate=1e-3", "--mnist_root", "none", "--push_to_hub", "--hub_model_id", "u/m",
-         "--min_snr_gamma", "5"]))
+def command_line(*argv: str) -> TrainConfig:
+    """The config train_mcvd.py builds from a command line (no config file)."""
+    import train_mcvd
+    from mcvd_diffusers.cli import given_values
+
+    parser = train_mcvd.build_parser()
+    train_mcvd.refuse_other_spellings(parser, list(argv), TrainConfig)
+    return TrainConfig.from_dict(given_values(parser.parse_args(list(argv)), TrainConfig))
+
+
+def test_command_line_overrides_are_typed(capsys):
+    config = command_line("--max_steps", "7", "--learning_rate=1e-3", "--mnist_root", "none", "--push_to_hub",
+                          "--hub_model_id", "u/m", "--min_snr_gamma", "5")
     assert (config.max_steps, config.learning_rate, config.mnist_root) == (7, 1e-3, None)
     assert (config.push_to_hub, config.hub_model_id, config.min_snr_gamma) == (True, "u/m", 5.0)
-    config = TrainConfig.from_dict(parse_overrides(["--block_out_channels", "[8, 16, 32]", "--patch_size", "2",
-                                                    "--noise_shift", "2", "--export_sampler", "dpm++:12"]))
+    config = command_line("--block_out_channels", "[8, 16, 32]", "--patch_size", "2", "--noise_shift", "2",
+                          "--export_sampler", "dpm++:12", "--overwrite", "false")
     assert (config.block_out_channels, config.patch_size, config.noise_shift) == ([8, 16, 32], 2, 2.0)
-    assert config.export_sampler == "dpm++:12"
-    with pytest.raises(ValueError, match="expected --key value"):
-        parse_overrides(["max_steps", "7"])
+    assert config.export_sampler == SamplerSpec("dpm++", 12) and config.overwrite is False
+    assert command_line("--block_out_channels", "8", "16", "32").block_out_channels == [8, 16, 32]
+    with pytest.raises(SystemExit):
+        command_line("--max-steps", "7")  # the other style is refused, with the right spelling
+    assert "--max-steps is spelled --max_steps" in capsys.readouterr().err
 
 
 def test_shipped_configs_are_valid():
-    from mcvd_diffusers.training import load_config_file
-
     configs = {name: TrainConfig.from_dict(load_config_file(REPO / "configs" / f"{name}.yaml"))
                for name in ("tiny", "paper", "fast", "cpu")}
     assert configs["paper"].preset == "paper" and configs["paper"].batch_size == 64
@@ -203,6 +218,21 @@ def test_run_exports_pipeline_card_gifs_and_logs(uninterrupted):
     assert f"validation loss {best['loss']:.4g}" in card and f"step {best['step']}" in card
     assert "bundled MNIST sample" in card and "Not evaluated yet" in card
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # the prediction GIFs: 2 validation clips as rows, ground truth and prediction as columns (64-px tiles
+    # with a 2-px border, under a 28-px caption); the 2 past frames play, then the 3 predicted ones
+    gifs = sorted((out / "samples").glob("*.gif"))
+    assert [g.name for g in gifs] == ["step-0000002.gif", "step-0000004.gif", "step-0000006.gif"]
+    frames = imageio.mimread(gifs[-1])
+    assert len(frames) == 2 + 3 and frames[0].shape[:2] == (28 + 2 * 68, 2 * 68)
+    assert not np.array_equal(frames[2], frames[3])  # the clips move
+    # TensorBoard: the training loss at every step, the validation losses the summary records
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [round(e.value, 5) for e in events.Scalars("val/loss")] == [round(v["loss"], 5)
+                                                                       for v in summary["validations"]]
 
 
 def test_validation_loss_is_fixed_and_uses_validation_digits(uninterrupted):
@@ -284,17 +314,17 @@ def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninte
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from mcvd_diffusers import training
+    from mcvd_diffusers import trainer
 
     out = tmp_path / "run"
-    original, calls = training.diffusion_loss, {"n": 0}
+    original, calls = trainer.diffusion_loss, {"n": 0}
 
     def diverging_loss(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(training, "diffusion_loss", diverging_loss)
+    monkeypatch.setattr(trainer, "diffusion_loss", diverging_loss)
     with pytest.raises(FloatingPointError, match=r"loss became nan .*Last good checkpoint: .*checkpoint-2"):
         train(small_config(out))
     monkeypatch.undo()

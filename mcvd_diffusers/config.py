@@ -1,0 +1,252 @@
+"""The training config: one dataclass of every option, read from YAML/JSON files and command-line
+overrides, validated once where it is built, and the rules for resuming a run with another config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .cli import coerce
+from .data.moving_mnist import MOTIONS
+from .lr_schedules import LR_SCHEDULES
+from .models.unet_mcvd import PRESETS, MCVDUNet2DModel
+from .schedulers import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, SamplerSpec, make_noise_scheduler
+
+# The sampler an exported pipeline ships with unless the config names another (export_sampler), so that
+# pipe(past) samples well as it comes: on the quickstart model DDIM-50 (trailing, x0 clipped) beat
+# DPM-Solver++-20 (MSE 0.050 vs 0.066).
+EXPORT_SAMPLER = SamplerSpec("ddim", 50)
+
+
+@dataclass
+class TrainConfig:
+    """Every training option. Configs are plain YAML/JSON dicts of these keys."""
+
+    # model: a preset from models/unet_mcvd.py and MCVD's frame layout
+    preset: str = "tiny"
+    num_past_frames: int = 5  # conditioning frames
+    num_current_frames: int = 10  # frames predicted per denoising block
+    num_future_frames: int = 0  # > 0: future-conditioning slots (interpolation)
+    prob_mask_past: float = 0.0  # MCVD masking: > 0 also teaches unconditional generation
+    prob_mask_future: float = 0.0  # > 0 lets an interpolation model also predict
+    patch_size: int | None = None  # space-to-depth factor of the UNet's input; None: the preset's
+    block_out_channels: list[int] | None = None  # the UNet's width per level; None: the preset's
+    # data: Moving MNIST drawn fresh each step from MNIST train digits
+    mnist_root: str | None = None  # a folder, "bundled", or None ($MCVD_MNIST_DIR, else download)
+    image_size: int = 64  # frame size in pixels
+    num_digits: int = 2  # digits per clip
+    motion: str = "deterministic"  # or "stochastic" (velocity redrawn at each bounce)
+    # diffusion
+    beta_schedule: str = "cosine"  # or "linear" (MCVD's 1e-4..0.02)
+    # v-prediction by default: with trailing timesteps sampling starts at t=T-1, where a cosine
+    # schedule leaves SNR ~1e-9; an epsilon model's x0 estimate there is its error times ~1e4.
+    prediction_type: str = "v_prediction"  # or "epsilon" (MCVD), "sample"
+    num_train_timesteps: int = 1000  # steps of the training noise schedule
+    noise_shift: float = 1.0  # > 1 divides every step's SNR by noise_shift^2 ("simple diffusion" shift)
+    min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023; 5.0 is usual); None: off
+    # optimization
+    batch_size: int = 64  # per process and per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = 10000  # optimizer steps
+    learning_rate: float = 2e-4  # AdamW's peak learning rate
+    grad_clip: float = 1.0  # the gradient norm is clipped to this
+    ema_decay: float = 0.999  # the ceiling; EMA warms up towards it (diffusers EMAModel, power 2/3)
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (Accelerate; fp16 with loss scaling, CUDA only)
+    # learning-rate schedule: "warmup_plateau" (linear warm-up, then ReduceLROnPlateau on the
+    # validation loss) or a diffusers schedule: constant, constant_with_warmup, linear, cosine, ...
+    lr_scheduler: str = "warmup_plateau"
+    warmup_steps: int = 500  # linear warm-up of the learning rate
+    plateau_factor: float = 0.5  # LR multiplier at each plateau
+    plateau_patience: int = 3  # validations without improvement tolerated before a cut
+    plateau_threshold: float = 0.01  # relative improvement that counts
+    min_lr: float = 1e-6  # the plateau cuts stop here
+    # validation: clips from MNIST validation digits, fixed noise and timesteps, EMA weights
+    validate_every: int = 500  # optimizer steps; 0: never (then the last weights are exported)
+    val_clips: int = 256  # fixed validation clips
+    val_batch_size: int = 64  # clips per validation batch
+    # prediction GIFs on fixed validation clips
+    sample_every: int = 1000  # 0: never
+    sample_clips: int = 4  # validation clips shown in each GIF
+    sample_sampler: SamplerSpec = EXPORT_SAMPLER  # NAME:STEPS, a sampler of mcvd_diffusers.SAMPLERS
+    # the sampler exported pipelines ship with: their scheduler, and STEPS as their default step count
+    export_sampler: SamplerSpec = EXPORT_SAMPLER
+    # fast paths (mcvd_diffusers/runtime.py), off by default
+    channels_last: bool = False  # NHWC convolutions
+    compile: bool = False  # torch.compile the UNet; falls back to eager with a warning where unsupported
+    fused_adamw: bool = False  # one fused AdamW kernel instead of a loop over parameters
+    seed: int = 0  # weights, and (with the process index) each process's data and noise
+    # checkpoints
+    checkpoint_every: int = 1000  # optimizer steps, and always at the end; 0: only at the end
+    checkpoints_total_limit: int | None = 3  # keep the newest N; None: keep all
+    resume_from_checkpoint: str | None = None  # "latest" (or a fresh start when there is none) or a folder
+    # output and logging
+    output_dir: str = "runs/mcvd"
+    overwrite: bool = False  # replace an output_dir that holds another run
+    log_every: int = 50  # optimizer steps between logged losses
+    report_to: str = "tensorboard"  # or "none"
+    # Hugging Face Hub: upload the exported pipeline and its card at the end
+    push_to_hub: bool = False
+    hub_model_id: str | None = None  # "user/name"
+    hub_private: bool = False  # create the Hub repo private
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(fields)}")
+        return cls(**{k: coerce(cls, k, v) for k, v in values.items()})  # validated by __post_init__
+
+    def to_dict(self) -> dict:
+        """Plain data (YAML/JSON): samplers as NAME:STEPS."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: str(v) if isinstance(v, SamplerSpec) else list(v) if isinstance(v, list) else v
+                for k, v in values.items()}
+
+    def __post_init__(self) -> None:
+        for key in ("sample_sampler", "export_sampler"):  # NAME:STEPS from the Python API, parsed once here
+            setattr(self, key, SamplerSpec.parse(getattr(self, key)))
+        self.validate()
+
+    def validate(self) -> None:
+        """The one check of every value a user enters (a config file, the command line, the Python API)."""
+        levels = len(PRESETS[self.preset]["block_out_channels"]) if self.preset in PRESETS else 1
+        patch = self.patch_size or (PRESETS[self.preset].get("patch_size", 1) if self.preset in PRESETS else 1)
+        patch = patch if patch >= 1 else 1
+        checks = [
+            (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}"),
+            (self.num_past_frames >= 0 and self.num_current_frames >= 1 and self.num_future_frames >= 0,
+             "frame counts must be num_past_frames >= 0, num_current_frames >= 1, num_future_frames >= 0"),
+            (0 <= self.prob_mask_past <= 1 and 0 <= self.prob_mask_future <= 1, "mask probabilities must be in [0, 1]"),
+            (self.prob_mask_past == 0 or self.num_past_frames > 0, "prob_mask_past > 0 needs num_past_frames > 0"),
+            (self.prob_mask_future == 0 or self.num_future_frames > 0,
+             "prob_mask_future > 0 needs num_future_frames > 0"),
+            (self.patch_size is None or self.patch_size >= 1, "patch_size must be >= 1 (or null: the preset's)"),
+            (self.block_out_channels is None or (len(self.block_out_channels) == levels
+                                                 and all(c >= 1 for c in self.block_out_channels)),
+             f"block_out_channels must list {levels} positive widths, one per level of the {self.preset} preset "
+             "(or null: the preset's)"),
+            (self.image_size >= 28 and self.image_size % (patch * 2 ** (levels - 1)) == 0,
+             f"image_size must be >= 28 and a multiple of {patch * 2 ** (levels - 1)} (patch_size {patch} x "
+             f"2^{levels - 1}: the {self.preset} preset runs on a grid of image_size/{patch} and halves it "
+             f"{levels - 1} times)"),
+            (self.num_digits >= 1, "num_digits must be >= 1"),
+            (self.motion in MOTIONS, f"motion must be one of {MOTIONS}"),
+            (self.beta_schedule in BETA_SCHEDULES, f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}"),
+            (self.prediction_type in PREDICTION_TYPES, f"prediction_type must be one of {PREDICTION_TYPES}"),
+            (self.num_train_timesteps >= 2, "num_train_timesteps must be >= 2"),
+            (math.isfinite(self.noise_shift) and self.noise_shift > 0, "noise_shift must be a finite number > 0"),
+            (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma must be > 0 (or null: off)"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.grad_clip > 0, "grad_clip must be > 0"),
+            (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be 'no', 'bf16' or 'fp16'"),
+            (self.lr_scheduler in LR_SCHEDULES, f"lr_scheduler must be one of {LR_SCHEDULES}"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)"),
+            (self.plateau_patience >= 0, "plateau_patience must be >= 0"),
+            (self.plateau_threshold >= 0, "plateau_threshold must be >= 0"),
+            (0 <= self.min_lr <= self.learning_rate, "min_lr must be in [0, learning_rate]"),
+            (self.validate_every >= 0, "validate_every must be >= 0"),
+            (self.lr_scheduler != "warmup_plateau" or self.validate_every > 0,
+             "lr_scheduler warmup_plateau needs validate_every > 0 (it acts on the validation loss)"),
+            (self.val_clips >= 1 and self.val_batch_size >= 1, "val_clips and val_batch_size must be >= 1"),
+            (self.sample_every >= 0, "sample_every must be >= 0"),
+            (1 <= self.sample_clips <= self.val_clips, "sample_clips must be in [1, val_clips]"),
+            (isinstance(self.sample_sampler, SamplerSpec) and isinstance(self.export_sampler, SamplerSpec),
+             f"sample_sampler and export_sampler must be NAME:STEPS with NAME one of {sorted(SAMPLERS)}"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             "checkpoints_total_limit must be >= 1 (or null: keep all)"),
+            (self.resume_from_checkpoint != "", "resume_from_checkpoint must be 'latest', a folder, or null"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.report_to in ("tensorboard", "none"), "report_to must be 'tensorboard' or 'none'"),
+            (not self.push_to_hub or bool(self.hub_model_id), "push_to_hub needs hub_model_id ('user/name')"),
+        ]
+        errors = [message for ok, message in checks if not ok]
+        # inf and NaN pass every comparison above that they should fail (inf > 0; NaN compares false both ways)
+        errors += [f"{f.name} must be a finite number, got {getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        errors += _output_dir_errors(self.output_dir)
+        if self.hub_model_id is not None:
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as e:
+                errors.append(f"hub_model_id {self.hub_model_id!r} is not a valid Hub repo id: {e}")
+        if errors:
+            raise ValueError("invalid training config: " + "; ".join(errors))
+
+
+def _output_dir_errors(output_dir: str) -> list[str]:
+    """An output_dir that is, or lies inside, an existing file can never hold a run."""
+    path = Path(output_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                return [f"output_dir {output_dir} cannot be created: {candidate} is a file, not a folder"]
+            break
+    return []
+
+
+# Keys a resumed run may change: they do not alter the model, the data or the optimization.
+RESUMABLE_CHANGES = {"max_steps", "mnist_root", "validate_every", "val_batch_size", "sample_every", "sample_clips",
+                     "sample_sampler", "export_sampler", "channels_last", "compile", "fused_adamw", "checkpoint_every",
+                     "checkpoints_total_limit", "resume_from_checkpoint", "output_dir", "overwrite", "log_every",
+                     "report_to", "push_to_hub", "hub_model_id", "hub_private"}
+
+
+def check_resume_compatible(saved: dict, config: TrainConfig, checkpoint: Path) -> None:
+    current = config.to_dict()
+    unknown = sorted(set(saved) - set(current))
+    differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k])
+    if unknown or differ:
+        details = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}" for k in differ)
+        raise ValueError(f"cannot resume {checkpoint} with this config: " + (details or f"unknown keys {unknown}")
+                         + ". These keys define the model, the data or the optimization; resume with the "
+                         f"checkpoint's values, or start a new run in another output_dir. Keys that may change: "
+                         f"{sorted(RESUMABLE_CHANGES)}")
+
+
+def build_unet(config: TrainConfig) -> MCVDUNet2DModel:
+    overrides = {key: getattr(config, key) for key in ("patch_size", "block_out_channels")
+                 if getattr(config, key) is not None}
+    return MCVDUNet2DModel.from_preset(
+        config.preset,
+        **overrides,
+        sample_size=config.image_size,
+        num_past_frames=config.num_past_frames,
+        num_current_frames=config.num_current_frames,
+        num_future_frames=config.num_future_frames,
+        prob_mask_past=config.prob_mask_past,
+        prob_mask_future=config.prob_mask_future,
+    )
+
+
+def build_noise_scheduler(config: TrainConfig):
+    return make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps,
+                                config.noise_shift)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Reads a YAML or JSON config file into a dict (validated by TrainConfig.from_dict)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    with open(path) as f:
+        values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config must be a mapping of keys to values, got {type(values).__name__}")
+    return values

@@ -1,0 +1,76 @@
+"""MCVD's training loss: prediction targets, Min-SNR weights, conditioning masks and the diffusion loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.video_processor import VideoProcessor
+
+from .models.unet_mcvd import MCVDUNet2DModel
+
+
+def draw_keep_mask(
+    batch_size: int, prob_mask: float, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor | None:
+    """A (B,) bool tensor, False for the samples whose block is replaced by zeros; None when p == 0."""
+    if prob_mask == 0:
+        return None
+    return torch.rand(batch_size, generator=generator, device=device) >= prob_mask
+
+
+def prediction_target(scheduler: DDPMScheduler, current: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(current, noise, t)
+    return current
+
+
+def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023) expressed for the scheduler's prediction target."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(t.device)[t]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = snr.clamp(max=gamma)
+    if scheduler.config.prediction_type == "epsilon":
+        return clipped / snr
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def _unwrapped(unet) -> MCVDUNet2DModel:
+    # The frame layout lives on the model; a DistributedDataParallel wrapper only runs its forward.
+    return unet.module if isinstance(unet, torch.nn.parallel.DistributedDataParallel) else unet
+
+
+def denoising_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.Tensor, noise: torch.Tensor,
+                   t: torch.Tensor, keep_past=None, keep_future=None) -> torch.Tensor:
+    """Per-sample MSE (B,) of the model's prediction for clips (B, clip_length, C, H, W) in [0, 1],
+    given the noise of the current frames, the timesteps and the conditioning masks."""
+    past, current, future = _unwrapped(unet).split_clip(VideoProcessor.normalize(clip))
+    noisy = scheduler.add_noise(current, noise, t)
+    prediction = unet(noisy, t, past_frames=past, future_frames=future, keep_past=keep_past,
+                      keep_future=keep_future).sample
+    target = prediction_target(scheduler, current, noise, t)
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def diffusion_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.Tensor,
+                   generator: torch.Generator | None = None, min_snr_gamma: float | None = None) -> torch.Tensor:
+    """MCVD's training loss on a batch of clips (B, clip_length, C, H, W) in [0, 1].
+
+    Timesteps are uniform over the training schedule; each sample's past and future
+    blocks are masked with the model's ``prob_mask_past`` / ``prob_mask_future``."""
+    model = _unwrapped(unet)
+    cfg = model.config
+    batch, device = clip.shape[0], clip.device
+    noise = torch.randn((batch, cfg.num_current_frames, *model.frame_shape), generator=generator, device=device,
+                        dtype=clip.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+    keep_past = draw_keep_mask(batch, cfg.prob_mask_past, generator, device)
+    keep_future = draw_keep_mask(batch, cfg.prob_mask_future, generator, device) if cfg.num_future_frames else None
+    losses = denoising_loss(unet, scheduler, clip, noise, t, keep_past, keep_future)
+    if min_snr_gamma is not None:
+        losses = losses * min_snr_weights(scheduler, t, min_snr_gamma)
+    return losses.mean()

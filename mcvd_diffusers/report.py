@@ -1,0 +1,306 @@
+"""What an evaluation writes: the summary table, metrics.json, the per-clip CSV, the metric curves, the
+prediction GIF, the self-contained HTML report, and the model card's evaluation section.
+
+evaluation.py runs the protocol and hands its record (what metrics.json holds) to ``write_outputs``.
+``comparison_gif`` is also training's sample GIF writer.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import html
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+from diffusers.utils import export_to_gif
+
+from .hub import read_training_info, write_model_card
+from .metrics import METRICS
+from .runtime import versions
+
+GROUND_TRUTH = "ground truth"  # the sanity row, and the first column of the GIFs
+# What an evaluation writes into its folder; removed when a new evaluation starts, so that the outputs of
+# an earlier run never sit beside an interrupted one looking current. metrics.json is written last.
+OUTPUT_FILES = ("summary.md", "per_clip.csv", "curves.png", "predictions.gif", "report.html", "metrics.json")
+SUMMARY_COLUMNS = [("mse", "MSE", 4), ("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("ssim_binarized", "SSIM bin", 3),
+                   ("lpips_alex", "LPIPS-alex", 3), ("lpips_vgg", "LPIPS-vgg", 3)]
+
+
+def clear_outputs(out: Path) -> None:
+    """Removes the outputs of an earlier evaluation from ``out`` (its cache stays)."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def make_record(config, model_config: dict, test_info: dict, device: str, shipped: str | None, fvd: dict | None,
+                rows: dict) -> dict:
+    """What metrics.json holds: the evaluation's config (an ``EvalConfig``), the model's, the test set, the device,
+    where the numbers come from (versions, git commit, command line) and the rows."""
+    return {
+        "model": str(config.model),
+        "model_config": model_config,
+        "eval_config": dataclasses.asdict(config),
+        # the cache folder of the test set, written relative to the home folder: results are shared
+        "test_set": {k: _home_relative(v) if k == "path" else v for k, v in test_info.items()},
+        "data_source": test_info["data_source"],
+        "device": device,
+        "versions": versions(),
+        "git_commit": _git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "shipped_sampler": shipped,
+        "fvd": fvd,
+        "rows": rows,
+    }
+
+
+def _home_relative(path: str) -> str:
+    home = str(Path.home())
+    return "~" + path[len(home):] if path.startswith(home + os.sep) else path
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fmt_seconds(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def protocol_notes(record: dict) -> list[str]:
+    """Sentences that say what the stretched rows and the FVD column are, when a record has them."""
+    notes = []
+    if record["eval_config"].get("stretch"):
+        notes.append("Rows marked '+ stretch' score the same predictions after the reproduction's contrast stretch, "
+                     "(x - 0.2) / 0.6 clipped to [0, 1], which turns grey pixels black or white and so raises SSIM "
+                     "without predicting anything better; the rows without it are the honest numbers.")
+    fvd = record.get("fvd")
+    if fvd:
+        notes.append(f"FVD (lower is better): I3D Kinetics-400 logits of {'past + predicted' if fvd['include_past'] else 'predicted'} "
+                     f"frames at {fvd['frame_size']} px, "
+                     + ("all k x N samples as one set" if fvd["pooling"] == "all" else "one FVD per sample index, averaged")
+                     + f", against the N real videos; I3D weights {fvd['weights']}.")
+    return notes
+
+
+def summary_table(record: dict) -> str:
+    """The markdown table: one line per row and aggregation (mean-of-k, best-of-k), mean ± 95% interval."""
+    with_fvd = record.get("fvd") is not None
+    header = ["row", "steps", "s/video (batch 1)", "s/video (amortized)", "k", "aggregate",
+              *[title for _, title, _ in SUMMARY_COLUMNS], *(["FVD"] if with_fvd else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in record["rows"].items():
+        for aggregate_name in ("mean_of_k", "best_of_k"):
+            if aggregate_name == "best_of_k" and row["samples_per_clip"] == 1:
+                continue
+            shown = f"{label} (shipped)" if label == record.get("shipped_sampler") else label
+            cells = [shown, str(row.get("steps", "")), _fmt_seconds(row["timing"].get("seconds_per_video_batch1")),
+                     _fmt_seconds(row["timing"].get("seconds_per_video_amortized")), str(row["samples_per_clip"]),
+                     aggregate_name.replace("_", "-")]
+            for metric, _, digits in SUMMARY_COLUMNS:
+                stats = row["metrics"][metric][aggregate_name]
+                cells.append(f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f}")
+            if with_fvd:  # a set-level number: one per row, on the mean-of-k line
+                fvd_value = row.get("fvd") if aggregate_name == "mean_of_k" else None
+                cells.append("" if fvd_value is None else f"{fvd_value:.1f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluation_results(record: dict) -> list[dict]:
+    """Every number of the summary table, unrounded: {row, metric, aggregate, value, ci95} per row, metric
+    and aggregate ("mean_of_k", "best_of_k"; best-of-k only where k > 1), and FVD, a number per row
+    (aggregate None). The model card's metadata takes the shipped sampler's numbers from here."""
+    results = []
+    for label, row in record["rows"].items():
+        aggregates = ("mean_of_k",) if row["samples_per_clip"] == 1 else ("mean_of_k", "best_of_k")
+        for metric, stats in row["metrics"].items():
+            results += [{"row": label, "metric": metric, "aggregate": name, "value": float(stats[name]["mean"]),
+                         "ci95": float(stats[name]["ci95"])} for name in aggregates]
+        if row.get("fvd") is not None:
+            results.append({"row": label, "metric": "fvd", "aggregate": None, "value": float(row["fvd"]), "ci95": None})
+    return results
+
+
+def update_model_card(folder: Path, record: dict) -> Path:
+    """Adds this evaluation to the model card of a pipeline exported by our training: its table in the text,
+    its numbers (``evaluation_results``) for the card's metadata."""
+    info = read_training_info(folder)
+    info["evaluation"] = {"command": record["command"], "num_clips": record["eval_config"]["num_clips"],
+                          "samples_per_clip": record["eval_config"]["samples_per_clip"],
+                          "data_source": record["data_source"], "device": record["device"],
+                          "test_set": record["test_set"]["name"], "shipped_sampler": record.get("shipped_sampler"),
+                          "fvd": record.get("fvd"), "table": summary_table(record),
+                          "results": evaluation_results(record)}
+    return write_model_card(folder, info)
+
+
+def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Tensor, gifs: dict) -> None:
+    json_record = json.loads(json.dumps(record, default=str))
+    for row in json_record["rows"].values():  # per-clip values live in per_clip.csv
+        for stats in row["metrics"].values():
+            stats.pop("per_clip_mean_of_k"), stats.pop("per_clip_best_of_k")
+    _write_per_clip_csv(out / "per_clip.csv", record)
+    table = summary_table(record)
+    (out / "summary.md").write_text(
+        f"# Evaluation of {record['model']}\n\n"
+        f"{record['eval_config']['num_clips']} clips of the {record['test_set']['name']} test set "
+        f"({record['data_source']}), {record['eval_config']['samples_per_clip']} samples per clip, device "
+        f"{record['device']}. Values: mean over clips ± 95% interval; per frame, then mean-of-k or best-of-k "
+        f"per clip. PSNR capped at 100 dB.\n\n{table}\n" + "".join(f"\n{note}\n" for note in protocol_notes(record)))
+    plot_curves(out / "curves.png", record)
+    if len(past) and gifs:
+        predictions = {f"{spec} #{s + 1}": gif[:, s].float() / 255 for spec, gif in gifs.items()
+                       for s in range(gif.shape[1])}
+        comparison_gif(out / "predictions.gif", past, future, predictions)
+    write_report(out / "report.html", record, table, out / "curves.png",
+                 out / "predictions.gif" if (out / "predictions.gif").exists() else None)
+    tmp = out / ".metrics.json.partial"
+    tmp.write_text(json.dumps(json_record, indent=2))
+    os.replace(tmp, out / "metrics.json")  # last: its presence says the evaluation finished
+
+
+def _write_per_clip_csv(path: Path, record: dict) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "clip", *[f"{m}_{a}" for m in METRICS for a in ("mean_of_k", "best_of_k")]])
+        for label, row in record["rows"].items():
+            metrics = row["metrics"]
+            for clip in range(len(metrics["mse"]["per_clip_mean_of_k"])):
+                writer.writerow([label, clip, *[f"{metrics[m][f'per_clip_{a}'][clip]:.6g}" for m in METRICS
+                                                for a in ("mean_of_k", "best_of_k")]])
+
+
+def plot_curves(path: Path, record: dict) -> None:
+    """SSIM, PSNR and LPIPS against the predicted frame's index, one line per sampler and baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("ssim", "SSIM"), ("psnr", "PSNR (dB)"), ("lpips_alex", "LPIPS (AlexNet)"), ("lpips_vgg", "LPIPS (VGG)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (metric, title) in zip(axes, panels):
+        for label, row in record["rows"].items():
+            if label == GROUND_TRUTH:
+                continue  # a flat line at the perfect score
+            curve = row["metrics"][metric]["per_frame"]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
+                    linestyle="--" if row["kind"] == "baseline" else "-", label=label)
+        ax.set_xlabel("predicted frame")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("per-frame metrics (mean over clips and samples)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _tile(frame: torch.Tensor, scale: int, border: tuple[int, int, int]) -> np.ndarray:
+    """A (1, H, W) frame in [0, 1] -> an RGB tile with a 2-pixel colored border."""
+    grey = (frame[0].clamp(0, 1) * 255).round().byte().numpy()
+    grey = grey.repeat(scale, 0).repeat(scale, 1)
+    tile = np.empty((grey.shape[0] + 4, grey.shape[1] + 4, 3), dtype=np.uint8)
+    tile[:] = border
+    tile[2:-2, 2:-2] = grey[..., None]
+    return tile
+
+
+def comparison_gif(path: str | os.PathLike, past: torch.Tensor, target: torch.Tensor,
+                   predictions: dict[str, torch.Tensor], scale: int = 2, fps: int = 4) -> Path:
+    """A GIF grid: one row per clip, columns ground truth then each prediction.
+
+    The past frames play first in every column (green border), then the future
+    (white border for ground truth, red for predictions)."""
+    GREEN, WHITE, RED = (40, 200, 70), (255, 255, 255), (220, 50, 50)
+    columns = {GROUND_TRUTH: target, **predictions}
+    tile_width = past.shape[-1] * scale + 4
+    frames = []
+    for t in range(past.shape[1] + target.shape[1]):
+        rows = []
+        for b in range(past.shape[0]):
+            tiles = []
+            for label, video in columns.items():
+                if t < past.shape[1]:
+                    tiles.append(_tile(past[b, t], scale, GREEN))
+                else:
+                    tiles.append(_tile(video[b, t - past.shape[1]], scale, WHITE if label == GROUND_TRUTH else RED))
+            rows.append(np.concatenate(tiles, axis=1))
+        grid = np.concatenate(rows, axis=0)
+        image = PIL.Image.new("RGB", (grid.shape[1], grid.shape[0] + 28))
+        draw = PIL.ImageDraw.Draw(image)
+        for i, label in enumerate(columns):
+            name, _, sample = label.partition(" #")
+            draw.text((i * tile_width + 3, 1), name, fill=(255, 255, 255))
+            draw.text((i * tile_width + 3, 13), f"sample {sample}" if sample else "", fill=(200, 200, 200))
+        phase = "past" if t < past.shape[1] else "future"
+        draw.text((grid.shape[1] - 70, 13), f"t={t} {phase}", fill=(160, 160, 160))
+        image.paste(PIL.Image.fromarray(grid), (0, 28))
+        frames.append(image)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_to_gif(frames, str(path), fps=fps)
+    return path
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _markdown_table_to_html(table: str) -> str:
+    lines = [line.strip().strip("|").split("|") for line in table.splitlines()]
+    head, body = lines[0], lines[2:]
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
+    return ("<table><thead><tr>" + cells(head, "th") + "</tr></thead><tbody>"
+            + "".join("<tr>" + cells(row, "td") + "</tr>" for row in body) + "</tbody></table>")
+
+
+def write_report(path: Path, record: dict, table: str, curves: Path, gif: Path | None) -> None:
+    """One self-contained HTML page: the table, the curves and the GIF, images inlined."""
+    cfg = record["eval_config"]
+    details = {
+        "model": record["model"], "test set": f"{record['test_set']['name']}: {record['data_source']}",
+        "clips": cfg["num_clips"], "samples per clip": cfg["samples_per_clip"],
+        "frames predicted": cfg["num_frames"], "device": record["device"],
+        "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v),
+        "git commit": record["git_commit"] or "unknown",
+    }
+    gif_html = (f'<h2>Predictions</h2><p>Rows: clips. Columns: ground truth, then samples of each sampler. '
+                f'Green border: past frames; red: predicted.</p><img alt="predictions" src="{_data_uri(gif, "image/gif")}">'
+                if gif else "")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>MCVD evaluation: {html.escape(record['model'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }}
+th {{ background: #f0f0f0; }} td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; image-rendering: pixelated; }}
+</style></head><body>
+<h1>MCVD evaluation</h1>
+<ul>{"".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in details.items())}</ul>
+<h2>Results</h2>
+<p>Mean over clips ± 95% interval. Per clip: metrics averaged over the predicted frames, then over the
+k samples (mean-of-k) or the best sample (best-of-k). No post-processing of predictions (except in rows
+marked '+ stretch').</p>
+{_markdown_table_to_html(table)}
+{"".join(f"<p>{html.escape(note)}</p>" for note in protocol_notes(record))}
+<h2>Per-frame metrics</h2>
+<img alt="per-frame metric curves" src="{_data_uri(curves, 'image/png')}">
+{gif_html}
+</body></html>
+"""
+    path.write_text(page)

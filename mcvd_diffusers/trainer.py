@@ -1,0 +1,337 @@
+"""The training loop behind train_mcvd.py, on Accelerate.
+
+Each step draws fresh Moving MNIST clips from MNIST train digits on the training device and
+applies MCVD's masking (losses.py); the EMA weights are validated on fixed clips of MNIST
+validation digits (validation.py), checkpointed atomically for an exact resume
+(checkpointing.py), and exported with the best validation loss (export.py).
+
+Run folder (``output_dir``)::
+
+    checkpoints/checkpoint-<step>/   Accelerate state + EMA + generators + trainer_state.json
+    best/                            pipeline of the lowest validation loss so far
+    pipeline/                        the export: best weights (or the last, without validation) + README.md
+    samples/step-<step>.gif          past | ground truth | prediction on fixed validation clips
+    logs/                            TensorBoard
+    train_summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env, set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .checkpointing import (list_checkpoints, load_checkpoint, read_trainer_state, register_checkpoint_hooks,
+                            remove_incomplete, replace_dir, resolve_checkpoint, save_checkpoint)
+from .config import TrainConfig, build_noise_scheduler, build_unet, check_resume_compatible
+from .data.mnist import load_mnist
+from .data.moving_mnist import MovingMNIST, digits_fingerprint
+from .export import save_pipeline, training_info
+from .hub import push_to_hub, write_model_card
+from .interrupt import StopOnSignal, TrainingInterrupted
+from .losses import diffusion_loss
+from .lr_schedules import make_lr_schedule
+from .models.unet_mcvd import MCVDUNet2DModel
+from .runtime import check_precision, maybe_compile, to_channels_last
+from .validation import ValidationSet, write_sample_gif
+
+RUN_MARKER = ".mcvd-run"  # written into every output_dir this project's training creates
+
+
+def train(config: TrainConfig, command: str | None = None) -> Path:
+    """Trains (or resumes) a run and returns the folder of the exported pipeline (EMA weights).
+    ``command``: the command line that started it, recorded in the model card (train_mcvd.py passes it)."""
+    accelerator = _make_accelerator(config)
+    out, device, is_main = Path(config.output_dir), accelerator.device, accelerator.is_main_process
+    checkpoints_dir = out / "checkpoints"
+    resume = _prepare_output_dir(config, accelerator, out)
+
+    set_seed(config.seed)
+    unet = build_unet(config)
+    parameter_names = [name for name, _ in unet.named_parameters()]
+    scheduler = build_noise_scheduler(config)
+    train_digits = load_mnist("train", root=config.mnist_root)
+    train_fingerprint = digits_fingerprint(train_digits.images)  # a resumed run must draw the same digits
+    if resume is not None and read_trainer_state(resume)["train_digits"] != train_fingerprint:
+        raise ValueError(f"cannot resume {resume}: the training digits ({train_digits.source}) are not the ones the "
+                         f"checkpoint was trained on ({read_trainer_state(resume)['data_source']}); mnist_root may "
+                         "move, not change what it holds")
+    data = MovingMNIST(train_digits.images.to(device), image_size=config.image_size, num_digits=config.num_digits,
+                       num_frames=unet.clip_length, motion=config.motion)
+    validation = ValidationSet(load_mnist("val", root=config.mnist_root), unet, config)
+    accelerator.print(f"data: {train_digits.source}; validation: {len(validation)} clips of MNIST validation digits")
+    accelerator.print(f"model: preset {config.preset}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
+                      f"parameters; {accelerator.num_processes} process(es) on {device}")
+
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3,
+                   model_cls=MCVDUNet2DModel, model_config=unet.config)
+    if config.channels_last:
+        to_channels_last(unet)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0,
+                                  fused=config.fused_adamw or None)
+    # Not passed to accelerator.prepare, which would step it once per process: it counts optimizer steps.
+    lr_schedule = make_lr_schedule(config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps,
+                                   total_steps=config.max_steps, factor=config.plateau_factor,
+                                   patience=config.plateau_patience, threshold=config.plateau_threshold,
+                                   min_lr=config.min_lr)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    model = accelerator.unwrap_model(unet)
+    ema.to(device)
+    generator = torch.Generator(device).manual_seed(_rank_seed(config.seed, accelerator.process_index))
+    register_checkpoint_hooks(accelerator, ema, parameter_names, generator)  # EMA and generators travel with it
+    history, step = {"validations": [], "best": None, "train_loss": None}, 0
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume, model, ema, parameter_names)
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        step, history = state["step"], state["history"]
+        accelerator.print(f"resumed from {resume} at step {step}")
+    if config.report_to == "tensorboard":
+        accelerator.init_trackers("logs", config=_hparams(config))
+    if config.compile:
+        _compile(model, unet, scheduler, data, optimizer, accelerator, config)
+
+    def with_ema_weights(fn):
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        try:
+            return fn()
+        finally:
+            ema.restore(model.parameters())
+
+    def info(weights_step: int, val_loss: float | None) -> dict:
+        history["train_seconds"] = seconds_before + time.perf_counter() - started
+        return training_info(config, train_digits.source, step, accelerator.num_processes, history, weights_step,
+                             val_loss)
+
+    def save() -> Path:
+        history["train_seconds"] = seconds_before + time.perf_counter() - started
+        ema_counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        trainer_state = {"config": config.to_dict(), "data_source": train_digits.source,
+                         "train_digits": train_fingerprint, "lr_schedule": lr_schedule.state_dict(),
+                         "history": history, "ema": ema_counters}
+        return save_checkpoint(accelerator, checkpoints_dir, step, trainer_state, config.checkpoints_total_limit)
+
+    samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    progress = tqdm(total=config.max_steps, initial=step, desc="train", disable=not is_main)
+    running, micro_batches, grad_norm = torch.zeros((), device=device), 0, None
+    logged_step, logged_time = step, time.perf_counter()
+    # wall time and commands over every start of the run (resumes add theirs), for the model card
+    seconds_before = history.get("train_seconds") or 0.0
+    history["commands"] = history.get("commands", []) + ([command] if command else [])
+    started = time.perf_counter()
+    with StopOnSignal() as stop:  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, stop
+        while step < config.max_steps:
+            unet.train()
+            for _ in range(config.gradient_accumulation_steps):
+                with accelerator.accumulate(unet):
+                    clip = data.sample(config.batch_size, generator)
+                    with accelerator.autocast():
+                        loss = diffusion_loss(unet, scheduler, clip, generator, config.min_snr_gamma)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running += loss.detach()
+                micro_batches += 1
+            lr_schedule.step()
+            ema.step(model.parameters())
+            step += 1
+            progress.update()
+            last = step == config.max_steps
+            validate = config.validate_every > 0 and (step % config.validate_every == 0 or last)
+            checkpoint = (config.checkpoint_every > 0 and step % config.checkpoint_every == 0) or last
+
+            if step % config.log_every == 0 or validate or checkpoint:
+                # Checked before anything is validated or saved: NaN weights never reach a checkpoint.
+                mean_loss = accelerator.reduce(running, "mean").item() / micro_batches
+                _stop_if_not_finite(mean_loss, logged_step, step, checkpoints_dir)
+                now = time.perf_counter()
+                history["train_loss"] = mean_loss
+                logs = {"train/loss": mean_loss, "train/lr": lr_schedule.get_last_lr()[0],
+                        "train/grad_norm": float(grad_norm), "train/samples_per_second":
+                        (step - logged_step) * samples_per_step / (now - logged_time)}
+                accelerator.log(logs, step=step)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}")
+                running, micro_batches, logged_step, logged_time = torch.zeros((), device=device), 0, step, now
+            if validate:
+                val_loss = with_ema_weights(
+                    lambda: validation.loss(model, scheduler, accelerator, config.val_batch_size))
+                cut = lr_schedule.report(val_loss)
+                history["validations"].append({"step": step, "loss": val_loss})
+                accelerator.log({"val/loss": val_loss}, step=step)
+                if is_main:
+                    tqdm.write(f"step {step}: validation loss {val_loss:.5f}" + (", learning rate cut" if cut else ""))
+                if history["best"] is None or val_loss < history["best"]["loss"]:
+                    history["best"] = {"step": step, "loss": val_loss}
+                    if is_main:
+                        with_ema_weights(lambda: save_pipeline(model, scheduler, out / "best", info(step, val_loss),
+                                                               config.export_sampler))
+            if is_main and config.sample_every > 0 and (step % config.sample_every == 0 or last):
+                gif = out / "samples" / f"step-{step:07d}.gif"
+                with_ema_weights(lambda: write_sample_gif(model, scheduler, validation, config, gif))
+            signum = stop.requested(accelerator)
+            if checkpoint or signum:
+                saved = save()
+            if signum:
+                progress.close()
+                accelerator.end_training()  # flushes the logs
+                raise TrainingInterrupted(signum, step, saved)
+    progress.close()
+
+    if is_main:
+        pipeline_dir = _export_run(config, history, info, lambda target, step_info: with_ema_weights(
+            lambda: save_pipeline(model, scheduler, target, step_info, config.export_sampler)), step)
+        best = history["best"]
+        summary = {**info(best["step"] if best else step, best["loss"] if best else None),
+                   "validations": history["validations"], "seconds": time.perf_counter() - started,
+                   "device": str(device), "data_seeds": [_rank_seed(config.seed, r)
+                                                          for r in range(accelerator.num_processes)]}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"saved the pipeline (EMA weights of step {summary['weights_step']}) to {pipeline_dir}")
+        if config.push_to_hub:
+            accelerator.print(f"uploaded to {push_to_hub(pipeline_dir, config.hub_model_id, config.hub_private)}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out / "pipeline"
+
+
+def _export_run(config: TrainConfig, history: dict, info, save_current, step: int) -> Path:
+    """The run's pipeline/: the best validation step's export with a card of the whole run, or (without
+    validation) the current EMA weights."""
+    out = Path(config.output_dir)
+    pipeline_dir, best = out / "pipeline", history["best"]
+    if best is not None and (out / "best").is_dir():
+        tmp = out / ".pipeline.copy"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out / "best", tmp)
+        write_model_card(tmp, {**json.loads((tmp / "training_info.json").read_text()),
+                               **info(best["step"], best["loss"])}, config.hub_model_id or str(pipeline_dir))
+        replace_dir(tmp, pipeline_dir)
+    else:
+        save_current(pipeline_dir, info(step, None))
+    return pipeline_dir
+
+
+# ------------------------------------------------------------------------------ set-up
+def _make_accelerator(config: TrainConfig) -> Accelerator:
+    # Refuse a precision the device cannot run before Accelerate fixes its process-wide state.
+    # (cpu= as Accelerator reads it: a PartialState made without it would pin a CPU run to one process.)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_precision(config.mixed_precision, state.device)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              log_with="tensorboard" if config.report_to == "tensorboard" else None,
+                              project_dir=config.output_dir)
+    _check_launch(accelerator)
+    return accelerator
+
+
+def _check_launch(accelerator: Accelerator) -> None:
+    """`accelerate launch --cpu --num_processes N` starts a single process (Accelerate's simple launcher
+    ignores N without MPI). Say so instead of training on one process the user did not ask for. The
+    launcher passes N to no environment variable (it sets only MASTER_ADDR/PORT when N > 1), so N is
+    read from the launching command line."""
+    if accelerator.num_processes > 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
+        return
+    import psutil
+
+    try:
+        args = psutil.Process().parent().cmdline()
+    except (psutil.Error, AttributeError):
+        return
+    wanted = 1
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else (
+            args[i + 1] if arg == "--num_processes" and i + 1 < len(args) else None)
+        if value is not None and value.isdigit():
+            wanted = int(value)
+    if wanted > 1:
+        raise ValueError(f"accelerate launch --cpu started 1 process, not the {wanted} asked for: Accelerate runs "
+                         f"several CPU processes with torchrun and gloo only as "
+                         f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {wanted} ...`")
+
+
+def _describe(folder: Path, limit: int = 6) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_output_dir(config: TrainConfig, out: Path, resuming: bool) -> str | None:
+    """Returns why ``out`` must be emptied first, or None. Only a folder this project's training created
+    (it holds RUN_MARKER) is ever emptied; anything else in the way is refused, naming what is there."""
+    if resuming or not (out.exists() and any(out.iterdir())):
+        return None
+    if not (out / RUN_MARKER).is_file():
+        raise ValueError(f"output_dir {out} is not empty and was not created by mcvd-diffusers training (no "
+                         f"{RUN_MARKER} marker); it holds: {_describe(out)}. It is never deleted: choose another "
+                         "output_dir, or empty it yourself")
+    if config.overwrite:
+        return f"overwrite=true: replacing the run in {out}"
+    if config.resume_from_checkpoint == "latest":
+        if (out / "pipeline").is_dir():
+            raise ValueError(f"output_dir {out} holds a finished run's pipeline/ but no checkpoint to resume; pass "
+                             "overwrite=true to replace that run, or choose another output_dir")
+        # killed before its first checkpoint (only logs, GIFs, best/ or a .partial): nothing to resume
+        return f"{out} holds no complete checkpoint to resume ({_describe(out)}): starting a fresh run there"
+    raise ValueError(f"output_dir {out} already holds another run ({_describe(out)}); pass "
+                     "resume_from_checkpoint=latest to continue it, or overwrite=true to replace it")
+
+
+def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator, out: Path) -> Path | None:
+    """Finds the checkpoint to resume (None: a fresh start), checks the folder, marks it as a run's."""
+    checkpoints_dir = out / "checkpoints"
+    resume = resolve_checkpoint(config.resume_from_checkpoint, checkpoints_dir) if config.resume_from_checkpoint else None
+    if resume is not None:
+        check_resume_compatible(read_trainer_state(resume)["config"], config, resume)
+    clear = _check_output_dir(config, out, resuming=resume is not None)  # every process, before any change
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if clear:
+            accelerator.print(clear)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_MARKER).write_text("an output_dir of mcvd-diffusers training: overwrite=true may delete it\n")
+        remove_incomplete(checkpoints_dir)  # saves and prunes that were interrupted
+    accelerator.wait_for_everyone()
+    return resume
+
+
+def _compile(model, unet, scheduler, data, optimizer, accelerator: Accelerator, config: TrainConfig) -> None:
+    """Compiles now, on a throw-away batch of the training shape (its own RNG), so that an unsupported
+    setup falls back to eager before training starts."""
+    probe = torch.Generator(accelerator.device).manual_seed(-1 & 0xFFFF)
+
+    def probe_step():
+        with accelerator.autocast():
+            loss = diffusion_loss(unet, scheduler, data.sample(config.batch_size, probe), probe)
+        accelerator.backward(loss)
+        optimizer.zero_grad(set_to_none=True)
+
+    maybe_compile(model, probe_step)
+
+
+def _stop_if_not_finite(mean_loss: float, since: int, step: int, checkpoints_dir: Path) -> None:
+    if not math.isfinite(mean_loss):
+        kept = list_checkpoints(checkpoints_dir)
+        raise FloatingPointError(
+            f"the training loss became {mean_loss} between steps {since} and {step}; stopped. Last good "
+            f"checkpoint: {kept[-1] if kept else 'none'} (resume it with a lower learning_rate, grad_clip, or "
+            "bf16 instead of fp16)")
+
+
+def _rank_seed(seed: int, process_index: int) -> int:
+    return (seed << 16) + process_index  # one data-and-noise stream per process
+
+
+def _hparams(config: TrainConfig) -> dict:
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.to_dict().items()}
