@@ -14,12 +14,10 @@ interrupted evaluation skips them. Every key of mcvd_diffusers.evaluation.EvalCo
 import argparse
 import sys
 
-from mcvd_diffusers.cli import add_config_flags, given_values, refuse_other_spellings
-from mcvd_diffusers.evaluation import EvalConfig, evaluate
+from mcvd_diffusers.cli import add_config_flags, coerce, given_values, refuse_other_spellings
+from mcvd_diffusers.evaluation import REPRODUCTION_PROTOCOL, EvalConfig, evaluate
 from mcvd_diffusers.report import summary_table
 
-# The reproduction's protocol, where the command line does not say otherwise.
-REPRODUCTION = {"num_clips": 30, "samples_per_clip": 1, "stretch": True}
 # Flags of earlier versions that are not a respelling of a key.
 RENAMED = {"--no-timing": "--timing false", "--fvd-frames": "--fvd_include_past true|false"}
 
@@ -28,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=["ours", "reproduction"], default="ours",
                         help="reproduction: the protocol of the reproduction we start from beside ours: "
-                             f"{REPRODUCTION} unless given")
+                             f"{REPRODUCTION_PROTOCOL} unless given")
     add_config_flags(parser, EvalConfig, required=("model", "out"))
     return parser
 
@@ -40,11 +38,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     given = given_values(args, EvalConfig)
     try:
-        from mcvd_diffusers.cli import coerce
-
         values = {key: coerce(EvalConfig, key, value) for key, value in given.items()}
         if args.protocol == "reproduction":
-            values = {**REPRODUCTION, **values}
+            values = {**REPRODUCTION_PROTOCOL, **values}  # where the command line says nothing else
         config = EvalConfig(**values)
         record = evaluate(config)
     except (ValueError, FileNotFoundError) as e:

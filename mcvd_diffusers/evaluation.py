@@ -76,6 +76,8 @@ def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 I3D_FEATURES = 400  # the length of an FVD feature vector (I3D's Kinetics-400 logits)
+# The protocol of the reproduction we start from: 30 clips, one sample each, and its contrast stretch.
+REPRODUCTION_PROTOCOL = {"num_clips": 30, "samples_per_clip": 1, "stretch": True}
 SHIPPED = "shipped"  # in --samplers: the pipeline's own scheduler at its default step count
 
 
