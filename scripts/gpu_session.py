@@ -90,18 +90,37 @@ def restore_backbone(source: Path, destination: Path) -> None:
     torch.save(state, destination)
 
 
+def check_inputs(mnist_dir: Path, torch_home: Path) -> list[Path]:
+    """The files prepare copies, checked before anything is downloaded or written (clear errors)."""
+    from mcvd_diffusers.data.mnist import IDX_FILES, load_mnist
+
+    for split in ("train", "test"):
+        try:
+            load_mnist(split, root=mnist_dir, download=False)
+        except (OSError, ValueError) as e:  # names the missing or corrupt file
+            raise SystemExit(f"error: --mnist_dir: {e}") from None
+    backbones = [torch_home / "hub" / "checkpoints" / name for name in LPIPS_FILES]
+    missing = [str(p) for p in backbones if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: LPIPS backbone weights not found: {missing} (--torch_home is the TORCH_HOME "
+                         "that holds hub/checkpoints/)")
+    mnist = [p for p in sorted(mnist_dir.iterdir()) if p.name.removesuffix(".gz") in IDX_FILES.values()]
+    return mnist + backbones
+
+
 def prepare(args) -> None:
+    files = check_inputs(Path(args.mnist_dir), Path(args.torch_home))
     WHEELS.mkdir(exist_ok=True)
     platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(WHEELS),
                     *DEVICE_WHEELS], check=True)
     (DATA / "mnist").mkdir(parents=True, exist_ok=True)
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz"):
-        shutil.copyfile(Path(args.mnist_dir) / name, DATA / "mnist" / name)
-    for name in LPIPS_FILES:
-        shrink_backbone(Path(args.torch_home) / "hub" / "checkpoints" / name, DATA / f"{name}.fp16.safetensors")
+    for path in files:
+        if path.name in LPIPS_FILES:
+            shrink_backbone(path, DATA / f"{path.name}.fp16.safetensors")
+        else:
+            shutil.copyfile(path, DATA / "mnist" / path.name)
     size = travelling_bytes()
     print(f"prepared .whl/ and .devdata/; the call's working tree: {size / 2**20:.1f} MiB of {TRAVEL_LIMIT >> 20}")
     if size > TRAVEL_LIMIT:

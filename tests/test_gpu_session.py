@@ -72,3 +72,16 @@ def test_the_fp16_lpips_backbone_scores_like_the_original(session, tmp_path, mon
             scores[name] = metric(frames.expand(-1, 3, -1, -1), other.expand(-1, 3, -1, -1))
     assert scores["original"].mean() > 0.05  # frames that differ: a score that could move
     assert (scores["fp16"] - scores["original"]).abs().max() < 5e-4
+
+
+def test_prepare_refuses_missing_data_before_downloading_anything(tmp_path, mnist_dir):
+    empty = tmp_path / "no-mnist"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, str(SCRIPT), "prepare", "--mnist_dir", str(empty),
+                             "--torch_home", str(Path(torch.hub.get_dir()).parent)], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.startswith("error: --mnist_dir:")
+    assert "train-images-idx3-ubyte" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, str(SCRIPT), "prepare", "--mnist_dir", str(mnist_dir),
+                             "--torch_home", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode != 0 and "LPIPS backbone weights not found" in result.stderr
+    assert "vgg16-397923af.pth" in result.stderr
