@@ -35,4 +35,4 @@ train-demo: install
 		--num_clips 4 --samples_per_clip 2 --batch_size 8 --mnist_root bundled --out $(TRAIN_DEMO_DIR)/eval --update_model_card
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest

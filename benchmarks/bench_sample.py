@@ -16,7 +16,7 @@ from common import environment, median_seconds, peak_memory_gib, pick_device, pr
 
 from mcvd_diffusers import PRESETS, MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers.schedulers import SamplerSpec
-from mcvd_diffusers.runtime import autocast, check_precision, maybe_compile
+from mcvd_diffusers.runtime import CHOICES_TEXT, autocast, maybe_compile, resolve_precision
 
 
 def time_batch(pipe, sampler_steps, batch_size, device, precision, num_frames, repeats):
@@ -52,7 +52,8 @@ def main():
                                                                        "CUDA, 1 4 on CPU)")
     parser.add_argument("--max-batch", type=int, default=8192)
     parser.add_argument("--num-frames", type=int, default=10)
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--precision", default="fp32", help=f"autocast for the UNet: {CHOICES_TEXT} (auto: bf16 where "
+                                                             "the device runs it natively, else fp32)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device")
@@ -61,7 +62,7 @@ def main():
     device = pick_device(args.device)
     try:
         samplers = [SamplerSpec.parse(s) for s in args.samplers]
-        check_precision(args.precision, device)
+        precision = resolve_precision(args.precision, device, fp32="fp32")  # the rows record what ran
         if not args.model and args.preset not in PRESETS:
             raise ValueError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
         batch_sizes = args.batch_sizes or (["1", "max"] if device.type == "cuda" else ["1", "4"])
@@ -81,7 +82,7 @@ def main():
     compiled = False
     if args.compile:
         past = torch.rand(1, pipe.unet.config.num_past_frames, *pipe.unet.frame_shape, device=device)
-        with autocast(args.precision, device):
+        with autocast(precision, device):
             compiled = maybe_compile(pipe.unet, lambda: pipe(past, num_inference_steps=1))
     rows = []
     trained_config = pipe.scheduler.config  # every sampler from the pipeline's own config, not the previous one's
@@ -90,18 +91,19 @@ def main():
         pipe.scheduler = sampler.build(trained_config)
         for batch in batch_sizes:
             if batch == "max":
-                result = largest_batch(pipe, steps, device, args.precision, args.num_frames, args.repeats,
+                result = largest_batch(pipe, steps, device, precision, args.num_frames, args.repeats,
                                        args.max_batch)
             else:
-                result = time_batch(pipe, steps, int(batch), device, args.precision, args.num_frames, args.repeats)
+                result = time_batch(pipe, steps, int(batch), device, precision, args.num_frames, args.repeats)
             if result:
-                rows.append({"sampler": spec, "precision": args.precision, "compiled": compiled, **result})
+                rows.append({"sampler": spec, "precision": precision, "compiled": compiled, **result})
     env = environment(device)
     print(f"device: {env['device']}; model: {args.model or 'preset ' + args.preset}; torch {env['versions']['torch']}")
     print_table(rows, [("sampler", "sampler"), ("precision", "precision"), ("compiled", "compiled"),
                        ("batch_size", "batch"), ("seconds_per_video", "s/video"), ("videos_per_s", "videos/s"),
                        ("peak_memory_GiB", "peak mem (GiB)")])
-    write_json(args.out, {**env, "model": args.model or f"preset {args.preset}", "results": rows})
+    write_json(args.out, {**env, "model": args.model or f"preset {args.preset}", "requested_precision": args.precision,
+                          "results": rows})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ usage: python benchmarks/bench_sampler_steps.py --model checkpoints/mmnist-5to10
 
 The clips come from MNIST *validation* digits, drawn as training validates (the pipeline's own
 training config, training_info.json), never from the test set: a shipped step count chosen here
-is not tuned on the test clips. Latency: one 10-frame prediction at batch 1 (median of 3 runs after
-a warm-up), on this machine's threads.
+is not tuned on the test clips. Every sampler predicts the 10 frames after the past, block by block
+(``--samplers ddim:10`` is 10 steps per block). Latency: one 10-frame prediction at batch 1 (median of
+3 runs after a warm-up), on this machine's threads.
 """
 
 import argparse
@@ -15,13 +16,13 @@ import json
 from pathlib import Path
 
 import torch
-from common import environment, median_seconds, print_table, score, write_json
+from common import environment, median_seconds, print_table, score, split_past_target, write_json
 
 from mcvd_diffusers import MCVDPipeline
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.evaluation import copy_last_frame
 from mcvd_diffusers.metrics import FrameMetrics
-from mcvd_diffusers.runtime import autocast
+from mcvd_diffusers.runtime import autocast, resolve_precision
 from mcvd_diffusers.schedulers import SamplerSpec
 from mcvd_diffusers.config import TrainConfig
 from mcvd_diffusers.validation import ValidationSet
@@ -37,11 +38,13 @@ def main():
     parser.add_argument("--val-clips", type=int, default=64)
     parser.add_argument("--samples", type=int, default=2, help="samples per clip")
     parser.add_argument("--mnist-root", default=None, help="MNIST folder (default: the training config's)")
-    parser.add_argument("--precision", default="fp32", help="autocast for the UNet: fp32 or bf16")
+    parser.add_argument("--precision", default="fp32", help="autocast for the UNet: fp32, bf16 or auto (bf16 where the "
+                                                             "CPU runs it natively, else fp32)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     try:
         samplers = [SamplerSpec.parse(spec) for spec in args.samplers]
+        precision = resolve_precision(args.precision, "cpu", fp32="fp32")  # what runs, and what the JSON records
     except ValueError as e:
         parser.error(str(e))
     if args.val_clips < 1 or args.samples < 1:
@@ -60,24 +63,27 @@ def main():
     unet, trained = pipe.unet.eval(), pipe.scheduler
     clips = ValidationSet(load_mnist("val", root=config.mnist_root), unet, config).clips
     frame_metrics = FrameMetrics(metrics=METRICS)
-    past, current, _ = unet.split_clip(clips)
+    past, target = split_past_target(unet, clips)
     rows = [{"sampler": "copy last frame", **{k: v.mean().item() for k, v in
-                                              frame_metrics(copy_last_frame(past, current.shape[1]), current).items()}}]
+                                              frame_metrics(copy_last_frame(past, target.shape[1]), target).items()}}]
     for sampler in samplers:
         spec, steps = str(sampler), sampler.steps
-        with autocast(args.precision, "cpu"):
+        with autocast(precision, "cpu"):
             scores = score(unet, trained, clips, spec, frame_metrics, samples=args.samples)
             timed = MCVDPipeline(unet=unet, scheduler=sampler.build(trained.config))
             timed.set_progress_bar_config(disable=True)
-            latency = median_seconds(lambda: timed(past[:1], num_inference_steps=steps), torch.device("cpu"), 3)
+            latency = median_seconds(lambda: timed(past[:1], num_frames=target.shape[1], num_inference_steps=steps),
+                                     torch.device("cpu"), 3)
         rows.append({"sampler": spec, "steps": steps, "seconds_batch1": latency, **scores})
         print(f"{spec}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k != "sampler"), flush=True)
-    print(f"{args.val_clips} validation clips x {args.samples} samples, {args.precision}, "
+    print(f"{args.val_clips} validation clips x {args.samples} samples, {precision}, "
           f"{torch.get_num_threads()} threads:")
     print_table(rows, [("sampler", "sampler"), ("seconds_batch1", "s/video (batch 1)"), ("mse", "MSE"),
-                       ("ssim", "SSIM"), ("ssim_binarized", "SSIM bin"), ("lpips_alex", "LPIPS-alex")])
+                       ("ssim", "SSIM"), ("ssim_f1", "SSIM f1"), ("ssim_f5", "SSIM f5"), ("ssim_f10", "SSIM f10"),
+                       ("ssim_binarized", "SSIM bin"), ("lpips_alex", "LPIPS-alex")])
     write_json(args.out, {"model": args.model, "val_clips": args.val_clips, "samples": args.samples,
-                          "precision": args.precision, "rows": rows, **environment(torch.device("cpu"))})
+                          "precision": precision, "requested_precision": args.precision, "rows": rows,
+                          **environment(torch.device("cpu"))})
 
 
 if __name__ == "__main__":

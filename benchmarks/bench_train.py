@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mcvd_diffusers import PRESETS, MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
-from mcvd_diffusers.runtime import PRECISIONS, autocast, check_precision, maybe_compile, to_channels_last
+from mcvd_diffusers.runtime import CHOICES_TEXT, autocast, maybe_compile, resolve_precision, to_channels_last
 from mcvd_diffusers.losses import diffusion_loss
 
 
@@ -58,7 +58,8 @@ def count_step_flops(unet, scheduler, data, batch_size, device) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "fast", "paper"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help=f"of {sorted(PRECISIONS)}")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                        help=f"of {CHOICES_TEXT} (auto: bf16 where the device runs it natively, else fp32)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 8 on CPU")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median), after warm-up")
     parser.add_argument("--channels-last", action="store_true")
@@ -71,9 +72,8 @@ def main():
     unknown = set(args.presets) - set(PRESETS)
     if unknown:
         parser.error(f"unknown presets {sorted(unknown)}; choose from {sorted(PRESETS)}")
-    try:
-        for precision in args.precisions:
-            check_precision(precision, device)
+    try:  # auto as what it resolves to here; each precision once
+        precisions = list(dict.fromkeys(resolve_precision(p, device, fp32="fp32") for p in args.precisions))
     except ValueError as e:
         parser.error(str(e))
     batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
@@ -86,7 +86,7 @@ def main():
         flops = count_step_flops(unet, scheduler, data, batch_size, device)
         params = sum(p.numel() for p in unet.parameters())
         baseline = median_seconds(baseline_step, device, args.steps)
-        variants = [("fp32", False)] + [(p, True) for p in args.precisions if p != "fp32" or fast]
+        variants = [("fp32", False)] + [(p, True) for p in precisions if p != "fp32" or fast]
         for precision, with_fast_paths in variants:
             if with_fast_paths:
                 *_, step, compiled = make_step(preset, precision, batch_size, device, args.channels_last,
@@ -108,7 +108,7 @@ def main():
                        ("parameters_M", "params (M)"), ("batch_size", "batch"), ("step_s", "step (s)"),
                        ("samples_per_s", "samples/s"), ("train_GFLOP_per_sample", "GFLOP/sample"),
                        ("achieved_TFLOPs", "TFLOP/s"), ("mfu", "MFU"), ("speedup_vs_fp32_eager", "speedup")])
-    write_json(args.out, {**env, "bf16_matmul_TFLOPs": peak, "results": rows})
+    write_json(args.out, {**env, "bf16_matmul_TFLOPs": peak, "requested_precisions": args.precisions, "results": rows})
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import torch
 
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.pipeline_mcvd import MCVDPipeline
-from mcvd_diffusers.runtime import device_name, synchronize, versions
+from mcvd_diffusers.runtime import cpu_has_native_bf16, cpu_model_name, device_name, synchronize, versions
 from mcvd_diffusers.schedulers import SamplerSpec
+from mcvd_diffusers.validation import PREDICTED_FRAMES
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -64,7 +65,10 @@ def digits_on(device: torch.device) -> torch.Tensor:
 
 
 def environment(device: torch.device) -> dict:
-    return {"device": device_name(device), "versions": versions()}
+    """The device, the CPU (its model, and whether it runs bf16 natively: elsewhere bf16 is emulated, far slower than
+    fp32) and the versions."""
+    return {"device": device_name(device), "cpu": cpu_model_name(), "cpu_native_bf16": cpu_has_native_bf16(),
+            "versions": versions()}
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -90,17 +94,29 @@ def write_json(path: str | None, payload: dict) -> None:
 
 @torch.no_grad()
 def score(unet, scheduler, clips: torch.Tensor, sampler: SamplerSpec | str, frame_metrics, samples: int = 1) -> dict:
-    """Mean metrics of ``samples`` predictions per clip (seeded per clip and sample) of the clips'
-    current frames from their past, with a named sampler built from ``scheduler``'s config."""
+    """Mean metrics of ``samples`` predictions per clip (seeded per clip and sample) of the ``PREDICTED_FRAMES``
+    frames after each clip's past, rolled out block by block, with a named sampler built from ``scheduler``'s
+    config; SSIM also at predicted frames 1, 5 and 10 (``ssim_f1``, ``ssim_f5``, ``ssim_f10``)."""
     sampler = SamplerSpec.parse(sampler)
     steps = sampler.steps
     pipe = MCVDPipeline(unet=unet, scheduler=sampler.build(scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    past, current, _ = unet.split_clip(clips)
+    past, target = split_past_target(unet, clips)
     totals = {}
     for s in range(samples):
         generators = [torch.Generator().manual_seed(i + (s << 20)) for i in range(len(clips))]
-        video = pipe(past, num_inference_steps=steps, generator=generators).frames
-        for k, v in frame_metrics(video, current).items():
+        video = pipe(past, num_frames=target.shape[1], num_inference_steps=steps, generator=generators).frames
+        for k, v in frame_metrics(video, target).items():
             totals[k] = totals.get(k, 0.0) + v.mean().item() / samples
+            if k == "ssim":
+                for frame in (1, 5, 10):
+                    totals[f"ssim_f{frame}"] = totals.get(f"ssim_f{frame}", 0.0) + v[:, frame - 1].mean().item() / samples
     return totals
+
+
+def split_past_target(unet, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation clips -> the model's past frames and the ``PREDICTED_FRAMES`` after them (the task)."""
+    num_past = unet.config.num_past_frames
+    if clips.shape[1] < num_past + PREDICTED_FRAMES:
+        raise ValueError(f"clips of {clips.shape[1]} frames cannot hold {num_past} past + {PREDICTED_FRAMES} frames")
+    return clips[:, :num_past], clips[:, num_past : num_past + PREDICTED_FRAMES]

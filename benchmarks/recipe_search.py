@@ -1,10 +1,17 @@
 """Which training recipe learns video prediction fastest per CPU-minute? Candidates at equal CPU time.
 
-usage: python benchmarks/recipe_search.py [--minutes 5] [--threads 1] [--parallel 2] [--candidates NAME ...]
-           [--mnist-root DIR] [--val-clips 32] [--sampler ddim:20] [--out-dir results/recipe_search]
+usage: python benchmarks/recipe_search.py [--round 2] [--minutes 15] [--threads 1] [--parallel 2]
+           [--candidates NAME ...] [--mnist-root DIR] [--val-clips 32] [--sampler ddim:20]
+           [--final-samplers ddim:5 ddim:10 ...] [--out-dir results/recipe_search]
            [--out FILE.json] [--curves FILE.png]
 
-Each candidate is a set of training-config keys (``TrainConfig``) over a common base. It trains in
+Each candidate is a set of training-config keys (``TrainConfig``) over its round's base. Round 1
+asked which size, target and optimizer settings learn fastest; round 2 starts from its winner (the
+shipped cpu recipe) and asks about the block size (frames generated per denoising pass, rolled out
+to 10), the first level's width, the patch size, x0 relative to the last past frame, the noise
+shift and context noise augmentation. Every candidate is scored on the same task: the 10 frames
+after the past, whatever its block size; at the end also with each of ``--final-samplers`` (the
+steps per block). It trains in
 its own process on ``--threads`` threads for ``--minutes`` of training CPU time (the process's CPU
 time, so that candidates running side by side get equal compute; evaluation is not counted),
 drawing fresh clips from MNIST train digits as train_mcvd.py does, with AdamW, a 100-step warm-up
@@ -26,23 +33,23 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment, print_table, score, write_json
+from common import environment, print_table, score, split_past_target, write_json
 from diffusers.training_utils import EMAModel
 
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
 from mcvd_diffusers.evaluation import copy_last_frame
 from mcvd_diffusers.metrics import FrameMetrics
-from mcvd_diffusers.runtime import autocast
+from mcvd_diffusers.runtime import autocast, resolve_precision
 from mcvd_diffusers.schedulers import SamplerSpec, make_noise_scheduler
 from mcvd_diffusers.config import TrainConfig, build_unet
 from mcvd_diffusers.losses import diffusion_loss
 from mcvd_diffusers.validation import ValidationSet
 
-# What every candidate shares unless it says otherwise: the cpu preset's widths at patch 2, x0 prediction.
+# What every candidate of round 1 shares unless it says otherwise: the cpu preset's widths at patch 2, x0 prediction.
 BASE = dict(preset="cpu", patch_size=2, prediction_type="sample", batch_size=16, learning_rate=1e-3, mixed_precision="bf16",
             beta_schedule="cosine", noise_shift=1.0, min_snr_gamma=None, ema_decay=0.999)
-CANDIDATES: dict[str, dict] = {
+ROUND1: dict[str, dict] = {
     "tiny-v": dict(preset="tiny", prediction_type="v_prediction"),  # the quickstart's recipe
     "p2-v": dict(prediction_type="v_prediction"),
     "p2-eps": dict(prediction_type="epsilon"),
@@ -59,12 +66,35 @@ CANDIDATES: dict[str, dict] = {
     "p2-x0-shift2": dict(noise_shift=2.0),
     "p2-x0-minsnr5": dict(min_snr_gamma=5.0),
 }
+# Round 2 starts from round 1's winner, the shipped recipe (configs/cpu.yaml: patch 4, 64/128/128, batch 64).
+BASE2 = dict(preset="cpu", prediction_type="sample", batch_size=64, learning_rate=1e-3, mixed_precision="bf16",
+             beta_schedule="cosine", noise_shift=1.0, min_snr_gamma=None, ema_decay=0.999)
+ROUND2: dict[str, dict] = {
+    "b10": dict(num_current_frames=10),  # the shipped layout: 10 frames per pass
+    "b5": dict(num_current_frames=5),  # MCVD's big SMMNIST model
+    "b2": dict(num_current_frames=2),  # MCVD's small SMMNIST model
+    "b1": dict(num_current_frames=1),
+    "b5-res": dict(num_current_frames=5, residual_to_last_past=True),  # x0 relative to the last past frame
+    # at the best block size (2, after the first pairs)
+    "b2-w128": dict(num_current_frames=2, block_out_channels=[128, 128, 128]),
+    "b2-p2": dict(num_current_frames=2, patch_size=2),
+    "b2-shift2": dict(num_current_frames=2, noise_shift=2.0),
+    "b2-ctx0.1": dict(num_current_frames=2, past_noise_augment=0.1),  # context noise augmentation (GameNGen)
+    "b2-res": dict(num_current_frames=2, residual_to_last_past=True),
+    "b5-w128": dict(num_current_frames=5, block_out_channels=[128, 128, 128]),
+    "b5-p2": dict(num_current_frames=5, patch_size=2),
+    "b5-shift2": dict(num_current_frames=5, noise_shift=2.0),
+    "b5-ctx0.1": dict(num_current_frames=5, past_noise_augment=0.1),
+}
+ROUNDS = {1: (BASE, ROUND1), 2: (BASE2, ROUND2)}
+CANDIDATES = {**ROUND1, **ROUND2}
 METRICS = ("mse", "ssim", "ssim_binarized", "lpips_alex")
 WARMUP_STEPS = 100
 
 
 def candidate_config(name: str, mnist_root: str | None, val_clips: int) -> TrainConfig:
-    return TrainConfig.from_dict({**BASE, **CANDIDATES[name], "mnist_root": mnist_root, "val_clips": val_clips,
+    base = BASE2 if name in ROUND2 else BASE
+    return TrainConfig.from_dict({**base, **CANDIDATES[name], "mnist_root": mnist_root, "val_clips": val_clips,
                                   "sample_clips": 1, "lr_scheduler": "constant_with_warmup",
                                   "warmup_steps": WARMUP_STEPS})
 
@@ -83,7 +113,7 @@ def run_candidate(name: str, args) -> dict:
     frame_metrics = FrameMetrics(metrics=METRICS)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    precision = {"no": "fp32"}.get(config.mixed_precision, config.mixed_precision)
+    precision = resolve_precision(config.mixed_precision, "cpu", fp32="fp32")  # auto as it resolves here
     generator = torch.Generator().manual_seed(config.seed)
     budget = args.minutes * 60
     checkpoints = [budget * f for f in (0.25, 0.5, 0.75, 1.0)]
@@ -94,7 +124,7 @@ def run_candidate(name: str, args) -> dict:
             group["lr"] = config.learning_rate * min(1.0, (step + 1) / WARMUP_STEPS)
         with autocast(precision, "cpu"):
             loss = diffusion_loss(unet, scheduler, data.sample(config.batch_size, generator), generator,
-                                  config.min_snr_gamma)
+                                  config.min_snr_gamma, config.past_noise_augment)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
         optimizer.step()
@@ -115,7 +145,12 @@ def run_candidate(name: str, args) -> dict:
                           **scores})
             print(f"{name}: {trained / 60:.1f} min, step {step}, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
                   flush=True)
-    return {"name": name, "overrides": CANDIDATES[name], "config": config.to_dict(),
+    ema.copy_to(unet.parameters())  # the final weights with every sampler of --final-samplers (steps per block)
+    with autocast(precision, "cpu"):
+        final = {spec: score(unet, scheduler, clips, spec, frame_metrics) for spec in args.final_samplers}
+    for spec, scores in final.items():
+        print(f"{name} final, {spec}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+    return {"name": name, "overrides": CANDIDATES[name], "config": config.to_dict(), "final_samplers": final,
             "parameters": sum(p.numel() for p in unet.parameters()), "steps": step,
             "samples_per_second": step * config.batch_size / trained, "curve": curve, **curve[-1]}
 
@@ -123,9 +158,11 @@ def run_candidate(name: str, args) -> dict:
 def copy_last_scores(args) -> dict:
     config = candidate_config("p2-x0", args.mnist_root, args.val_clips)
     unet = build_unet(config)
-    past, current, _ = unet.split_clip(ValidationSet(load_mnist("val", root=config.mnist_root), unet, config).clips)
-    values = FrameMetrics(metrics=METRICS)(copy_last_frame(past, current.shape[1]), current)
-    return {"name": "copy-last", **{k: v.mean().item() for k, v in values.items()}}
+    past, target = split_past_target(unet, ValidationSet(load_mnist("val", root=config.mnist_root), unet, config).clips)
+    values = FrameMetrics(metrics=METRICS)(copy_last_frame(past, target.shape[1]), target)
+    scores = {k: v.mean().item() for k, v in values.items()}
+    scores.update({f"ssim_f{f}": values["ssim"][:, f - 1].mean().item() for f in (1, 5, 10)})
+    return {"name": "copy-last", **scores}
 
 
 def plot(path: Path, results: list[dict], baseline: dict) -> None:
@@ -156,13 +193,17 @@ def plot(path: Path, results: list[dict], baseline: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    parser.add_argument("--minutes", type=float, default=5.0, help="training minutes per candidate")
+    parser.add_argument("--round", type=int, default=2, choices=sorted(ROUNDS), help="the round's candidates")
+    parser.add_argument("--candidates", nargs="+", default=None, choices=list(CANDIDATES),
+                        help="default: every candidate of --round")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training minutes per candidate")
     parser.add_argument("--threads", type=int, default=1, help="threads per candidate")
     parser.add_argument("--parallel", type=int, default=2, help="candidates trained at once")
     parser.add_argument("--mnist-root", default=None)
     parser.add_argument("--val-clips", type=int, default=32)
-    parser.add_argument("--sampler", default="ddim:20")
+    parser.add_argument("--sampler", default="ddim:20", help="the learning curves' sampler (steps per block)")
+    parser.add_argument("--final-samplers", nargs="+", default=["ddim:5", "ddim:10", "ddim:20"],
+                        help="every candidate's final weights are also scored with each (steps per block)")
     parser.add_argument("--out-dir", default="results/recipe_search", help="one JSON per candidate")
     parser.add_argument("--out", default=None, help="the whole table as JSON")
     parser.add_argument("--curves", default=None, help="learning curves as PNG")
@@ -171,9 +212,11 @@ def main():
     if args.minutes <= 0 or args.threads < 1 or args.parallel < 1 or args.val_clips < 1:
         parser.error("--minutes must be > 0, --threads, --parallel and --val-clips >= 1")
     try:
-        SamplerSpec.parse(args.sampler)
+        for spec in (args.sampler, *args.final_samplers):
+            SamplerSpec.parse(spec)
     except ValueError as e:
         parser.error(str(e))
+    args.candidates = args.candidates or list(ROUNDS[args.round][1])
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.worker:
@@ -198,12 +241,14 @@ def main():
     baseline = copy_last_scores(args)
     columns = [("name", "candidate"), ("parameters", "params"), ("steps", "steps"),
                ("samples_per_second", "samples/s"), ("mse", "MSE"), ("ssim", "SSIM"),
+               ("ssim_f1", "SSIM f1"), ("ssim_f5", "SSIM f5"), ("ssim_f10", "SSIM f10"),
                ("ssim_binarized", "SSIM bin"), ("lpips_alex", "LPIPS-alex")]
     print(f"{args.minutes:g} training minutes each on {args.threads} thread(s), {args.sampler} on {args.val_clips} "
           "validation clips:")
     print_table(sorted(results, key=lambda r: -r["ssim"]) + [baseline], columns)
-    write_json(args.out, {"minutes": args.minutes, "threads": args.threads, "sampler": args.sampler,
-                          "val_clips": args.val_clips, "base": BASE, "results": results, "copy_last": baseline,
+    write_json(args.out, {"round": args.round, "minutes": args.minutes, "threads": args.threads, "sampler": args.sampler,
+                          "final_samplers": args.final_samplers, "val_clips": args.val_clips,
+                          "base": ROUNDS[args.round][0], "results": results, "copy_last": baseline,
                           **environment(torch.device("cpu"))})
     if args.curves:
         plot(Path(args.curves), results, baseline)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .cli import coerce
 from .data.moving_mnist import MOTIONS
 from .lr_schedules import LR_SCHEDULES
 from .models.unet_mcvd import PRESETS, MCVDUNet2DModel
+from .runtime import CHOICES_TEXT, PRECISION_CHOICES
 from .schedulers import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, SamplerSpec, make_noise_scheduler
 
 # The sampler an exported pipeline ships with unless the config names another (export_sampler), so that
@@ -37,6 +39,9 @@ class TrainConfig:
     prob_mask_future: float = 0.0  # > 0 lets an interpolation model also predict
     patch_size: int | None = None  # space-to-depth factor of the UNet's input; None: the preset's
     block_out_channels: list[int] | None = None  # the UNet's width per level; None: the preset's
+    # x0 relative to the last past frame: the network predicts each frame's difference to it (prediction_type
+    # "sample" only); recorded in the UNet's config, so the saved model adds the frame back itself
+    residual_to_last_past: bool = False
     # data: Moving MNIST drawn fresh each step from MNIST train digits
     mnist_root: str | None = None  # a folder, "bundled", or None ($MCVD_MNIST_DIR, else download)
     image_size: int = 64  # frame size in pixels
@@ -50,6 +55,10 @@ class TrainConfig:
     num_train_timesteps: int = 1000  # steps of the training noise schedule
     noise_shift: float = 1.0  # > 1 divides every step's SNR by noise_shift^2 ("simple diffusion" shift)
     min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023; 5.0 is usual); None: off
+    # Context noise augmentation (as GameNGen trains its autoregressive model): each training clip's past
+    # frames get Gaussian noise of a std drawn uniformly from [0, this] (data in [-1, 1]), so a rollout
+    # that conditions on its own imperfect frames stays in the training distribution; 0: off
+    past_noise_augment: float = 0.0
     # optimization
     batch_size: int = 64  # per process and per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -57,7 +66,9 @@ class TrainConfig:
     learning_rate: float = 2e-4  # AdamW's peak learning rate
     grad_clip: float = 1.0  # the gradient norm is clipped to this
     ema_decay: float = 0.999  # the ceiling; EMA warms up towards it (diffusers EMAModel, power 2/3)
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (Accelerate; fp16 with loss scaling, CUDA only)
+    # auto: bf16 where the hardware runs it natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX),
+    # else fp32; or "no" (= "fp32"), "bf16", "fp16" (Accelerate's; fp16 with loss scaling, CUDA only)
+    mixed_precision: str = "auto"
     # learning-rate schedule: "warmup_plateau" (linear warm-up, then ReduceLROnPlateau on the
     # validation loss) or a diffusers schedule: constant, constant_with_warmup, linear, cosine, ...
     lr_scheduler: str = "warmup_plateau"
@@ -70,6 +81,9 @@ class TrainConfig:
     validate_every: int = 500  # optimizer steps; 0: never (then the last weights are exported)
     val_clips: int = 256  # fixed validation clips
     val_batch_size: int = 64  # clips per validation batch
+    # validation clips (at most val_clips) whose next 10 frames are predicted (block by block, with sample_sampler)
+    # and scored (MSE, SSIM) at each validation, so that models of any block size are compared on the task; 0: off
+    val_rollout_clips: int = 32
     # prediction GIFs on fixed validation clips
     sample_every: int = 1000  # 0: never
     sample_clips: int = 4  # validation clips shown in each GIF
@@ -101,6 +115,10 @@ class TrainConfig:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(fields)}")
+        if isinstance(values.get("mixed_precision"), bool):  # YAML 1.1 reads an unquoted `no` (or off) as false
+            if values["mixed_precision"]:
+                raise ValueError(f"invalid training config: mixed_precision must be one of {CHOICES_TEXT}, got true")
+            values = {**values, "mixed_precision": "no"}
         return cls(**{k: coerce(cls, k, v) for k, v in values.items()})  # validated by __post_init__
 
     def to_dict(self) -> dict:
@@ -110,6 +128,8 @@ class TrainConfig:
                 for k, v in values.items()}
 
     def __post_init__(self) -> None:
+        if self.mixed_precision == "fp32":
+            self.mixed_precision = "no"  # one spelling of fp32 (Accelerate's), in the config a run records
         for key in ("sample_sampler", "export_sampler"):  # NAME:STEPS from the Python API, parsed once here
             setattr(self, key, SamplerSpec.parse(getattr(self, key)))
         self.validate()
@@ -143,13 +163,18 @@ class TrainConfig:
             (self.num_train_timesteps >= 2, "num_train_timesteps must be >= 2"),
             (math.isfinite(self.noise_shift) and self.noise_shift > 0, "noise_shift must be a finite number > 0"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma must be > 0 (or null: off)"),
+            (not self.residual_to_last_past or self.prediction_type == "sample",
+             "residual_to_last_past needs prediction_type 'sample' (the network's x0 is relative to the last past frame)"),
+            (not self.residual_to_last_past or self.num_past_frames > 0, "residual_to_last_past needs num_past_frames > 0"),
+            (0 <= self.past_noise_augment <= 1, "past_noise_augment must be in [0, 1] (a noise std on data in [-1, 1])"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.grad_clip > 0, "grad_clip must be > 0"),
             (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
-            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be 'no', 'bf16' or 'fp16'"),
+            (self.mixed_precision in PRECISION_CHOICES,
+             f"mixed_precision must be one of {CHOICES_TEXT}, got {self.mixed_precision!r}"),
             (self.lr_scheduler in LR_SCHEDULES, f"lr_scheduler must be one of {LR_SCHEDULES}"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)"),
@@ -160,6 +185,7 @@ class TrainConfig:
             (self.lr_scheduler != "warmup_plateau" or self.validate_every > 0,
              "lr_scheduler warmup_plateau needs validate_every > 0 (it acts on the validation loss)"),
             (self.val_clips >= 1 and self.val_batch_size >= 1, "val_clips and val_batch_size must be >= 1"),
+            (self.val_rollout_clips >= 0, "val_rollout_clips must be >= 0"),
             (self.sample_every >= 0, "sample_every must be >= 0"),
             (1 <= self.sample_clips <= self.val_clips, "sample_clips must be in [1, val_clips]"),
             (isinstance(self.sample_sampler, SamplerSpec) and isinstance(self.export_sampler, SamplerSpec),
@@ -198,22 +224,57 @@ def _output_dir_errors(output_dir: str) -> list[str]:
 
 
 # Keys a resumed run may change: they do not alter the model, the data or the optimization.
-RESUMABLE_CHANGES = {"max_steps", "mnist_root", "validate_every", "val_batch_size", "sample_every", "sample_clips",
+RESUMABLE_CHANGES = {"max_steps", "mnist_root", "validate_every", "val_batch_size", "val_rollout_clips",
+                     "sample_every", "sample_clips",
                      "sample_sampler", "export_sampler", "channels_last", "compile", "fused_adamw", "checkpoint_every",
                      "checkpoints_total_limit", "resume_from_checkpoint", "output_dir", "overwrite", "log_every",
                      "report_to", "push_to_hub", "hub_model_id", "hub_private"}
 
 
-def check_resume_compatible(saved: dict, config: TrainConfig, checkpoint: Path) -> None:
+def check_resume_compatible(saved: dict, config: TrainConfig, checkpoint: Path, precision: str | None = None,
+                            saved_precision: str | None = None) -> None:
+    """Refuses to resume ``checkpoint`` (trained with the config ``saved``) with a config that changes the model,
+    the data or the optimization. mixed_precision is compared as it runs: ``precision`` is what this config's
+    resolves to here (runtime.resolve_precision), ``saved_precision`` what the checkpoint's resolved to where it
+    trained (None: its config's value, as recorded before "auto"). So "auto" may resume a run saved with the
+    value auto resolves to here (and the other way round); a run saved with auto resumes with auto, with a
+    warning where auto now resolves to another precision."""
     current = config.to_dict()
     unknown = sorted(set(saved) - set(current))
-    differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k])
-    if unknown or differ:
-        details = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}" for k in differ)
+    differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and k != "mixed_precision" and k in saved
+                    and saved[k] != current[k])
+    details = [f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}" for k in differ]
+    if "mixed_precision" in saved:
+        details += _precision_change(saved["mixed_precision"], config.mixed_precision, saved_precision, precision,
+                                     checkpoint)
+    if unknown or details:
+        details = "; ".join(details)
         raise ValueError(f"cannot resume {checkpoint} with this config: " + (details or f"unknown keys {unknown}")
                          + ". These keys define the model, the data or the optimization; resume with the "
                          f"checkpoint's values, or start a new run in another output_dir. Keys that may change: "
                          f"{sorted(RESUMABLE_CHANGES)}")
+
+
+def _precision_change(saved: str, requested: str, saved_run: str | None, run: str | None, checkpoint: Path
+                      ) -> list[str]:
+    """[] when a run saved with mixed_precision ``saved`` (that ran as ``saved_run``) may resume with ``requested``
+    (that runs as ``run`` here), else the reason it may not."""
+    def fp32(name):
+        return "no" if name == "fp32" else name
+
+    saved, saved_run = fp32(saved), fp32(saved_run or saved)
+    run = fp32(run or requested)
+    if saved == requested == "auto":  # a run that follows the hardware goes on following it
+        if saved_run != "auto" and run != "auto" and saved_run != run:
+            warnings.warn(f"resuming {checkpoint} (mixed_precision auto), which trained in {saved_run!r}, in {run!r}: "
+                          f"auto resolves to {run!r} on this hardware. Pass mixed_precision {saved_run} to keep the "
+                          "checkpoint's precision", UserWarning, stacklevel=3)
+        return []
+    if saved_run == run:
+        return []
+    was = f"{saved!r}" + (f" (ran as {saved_run!r})" if saved == "auto" and saved_run != "auto" else "")
+    now = f"{requested!r}" + (f" (resolves to {run!r} here)" if requested == "auto" else "")
+    return [f"mixed_precision: checkpoint {was}, now {now}"]
 
 
 def build_unet(config: TrainConfig) -> MCVDUNet2DModel:
@@ -228,6 +289,7 @@ def build_unet(config: TrainConfig) -> MCVDUNet2DModel:
         num_future_frames=config.num_future_frames,
         prob_mask_past=config.prob_mask_past,
         prob_mask_future=config.prob_mask_future,
+        residual_to_last_past=config.residual_to_last_past,
     )
 
 

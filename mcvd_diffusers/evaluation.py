@@ -3,8 +3,10 @@
 For each sampler, every test clip gets k samples (one seeded generator per video, so the
 numbers do not depend on the batch size); each is scored per frame (metrics.py) and
 aggregated to mean-of-k and best-of-k. Baselines: copy-last-frame and the ground truth
-itself (a sanity row: SSIM 1, LPIPS 0). Each sampler's result is cached in the results
-folder, so an interrupted run picks up where it stopped.
+itself (a sanity row: SSIM 1, LPIPS 0). Where the test set records where each digit is
+(the generated one), every row also gets digit identity (``digit_acc``, digit_classifier.py).
+Each sampler's result is cached in the results folder, so an interrupted run picks up where
+it stopped.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.moving_mnist import clips_to_video, load_mnist_test_seq, load_test_set
+from .data.moving_mnist import clip_layout, clips_to_video, load_mnist_test_seq, load_test_set
+from .digit_classifier import DigitIdentity
 from .fvd import POOLINGS, fvd_from_features, i3d_features
 from .hub import read_training_info
 from .integrity import sha256_file
-from .metrics import METRICS, FrameMetrics, aggregate
+from .metrics import DIGIT_ACC, METRICS, FrameMetrics, aggregate
 from .models.i3d import I3D, load_i3d, resolve_weights
 from .pipeline_mcvd import MCVDPipeline
 from .report import GROUND_TRUTH, clear_outputs, make_record, update_model_card, write_outputs
-from .runtime import autocast, check_precision, device_name, maybe_compile, resolve_device, synchronize
+from .runtime import (autocast, describe_precision, device_name, maybe_compile, precision_info, resolve_device,
+                      synchronize)
 from .schedulers import SAMPLERS, SamplerSpec, make_sampler
 
 TEST_SETS = ("generated", "official")
@@ -56,7 +60,8 @@ class EvalConfig:
     device: str | None = None  # cpu, cuda or cuda:N; default: cuda if available, else cpu
     gif_clips: int = 4  # clips shown in predictions.gif
     timing: bool = True  # also time batch-1 latency
-    precision: str = "fp32"  # the UNet's forward under autocast: "fp32", "bf16", "fp16"
+    # the UNet's forward under autocast: "fp32", "bf16", "fp16", or "auto" (bf16 where the hardware runs it natively)
+    precision: str = "fp32"
     compile: bool = False  # torch.compile the UNet (falls back to eager with a warning)
     update_model_card: bool = False  # write the summary table into the model folder's README.md
     # The reproduction's contrast stretch: each sampler's predictions are also scored after (x - 0.2) / 0.6,
@@ -113,8 +118,11 @@ def _validate(config: EvalConfig) -> list[SamplerSpec | None]:
     return requested
 
 
-def load_test_clips(config: EvalConfig) -> tuple[torch.Tensor, dict]:
-    """The first ``num_clips`` test clips as uint8 (N, T, H, W) and a description of the test set."""
+def load_test_clips(config: EvalConfig, with_layout: bool = False):
+    """The first ``num_clips`` test clips as uint8 (N, T, H, W) and a description of the test set; with
+    ``with_layout``, also their digits' positions (N, T, D, 2) and labels (N, D), or None where the test set
+    does not record them (the official file)."""
+    layout = None
     if config.test_set == "official":
         download = config.test_file == "download"  # into the package cache, checksum verified
         clips = load_mnist_test_seq(None if download else config.test_file, split="test", download=download)
@@ -122,9 +130,13 @@ def load_test_clips(config: EvalConfig) -> tuple[torch.Tensor, dict]:
     else:
         dataset, meta = load_test_set(root=config.mnist_root)
         clips, info = dataset.with_format("torch", dtype=torch.uint8)["frames"], {"name": "generated", **meta}
+        layout = clip_layout(dataset) if with_layout else None
     if config.num_clips > len(clips):
         raise ValueError(f"num_clips={config.num_clips} but the {config.test_set} test set holds {len(clips)} clips")
-    return clips[: config.num_clips], info
+    clips = clips[: config.num_clips]
+    if not with_layout:
+        return clips, info
+    return clips, info, None if layout is None else tuple(part[: config.num_clips] for part in layout)
 
 
 def _video_generators(device, seed: int, clip_index: torch.Tensor, sample_index: torch.Tensor):
@@ -152,16 +164,18 @@ def video_features(i3d: I3D, past: torch.Tensor, frames: torch.Tensor, config: E
 
 
 def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Tensor, future: torch.Tensor,
-                steps: int, config: EvalConfig, progress, i3d: I3D | None = None) -> dict:
-    """Samples k videos per clip in batches, scores them per frame (also stretched, with ``config.stretch``)
-    and, given ``i3d``, takes their FVD features. Returns the per-frame metrics (N, k, F), the features
-    (N, k, 400), the predictions of the GIF clips, and timings."""
+                steps: int, config: EvalConfig, progress, i3d: I3D | None = None,
+                digits: DigitIdentity | None = None) -> dict:
+    """Samples k videos per clip in batches, scores them per frame (also stretched, with ``config.stretch``;
+    and their digit identity, given ``digits``) and, given ``i3d``, takes their FVD features. Returns the
+    per-frame metrics (N, k, F), the features (N, k, 400), the predictions of the GIF clips, and timings."""
     device = pipe.device
     n, k = len(past), config.samples_per_clip
     clip_index = torch.arange(n).repeat_interleave(k)
     sample_index = torch.arange(k).repeat(n)
-    per_frame = {name: torch.empty(n * k, config.num_frames) for name in frame_metrics.metrics}
-    stretched = {name: torch.empty(n * k, config.num_frames) for name in frame_metrics.metrics} if config.stretch else {}
+    names = (*frame_metrics.metrics, *([DIGIT_ACC] if digits is not None else []))
+    per_frame = {name: torch.empty(n * k, config.num_frames) for name in names}
+    stretched = {name: torch.empty(n * k, config.num_frames) for name in names} if config.stretch else {}
     features = torch.empty(n * k, I3D_FEATURES, dtype=torch.float64) if i3d is not None else None
     shown = min(k, GIF_SAMPLES)
     gif = torch.zeros(min(config.gif_clips, n), shown, *future.shape[1:], dtype=torch.uint8)
@@ -183,9 +197,13 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
         sampling_seconds += time.perf_counter() - begin
         for name, values in frame_metrics(frames, future[clips]).items():
             per_frame[name][idx] = values
+        if digits is not None:
+            per_frame[DIGIT_ACC][idx] = digits(frames, clips)
         if stretched:
             for name, values in frame_metrics(reproduction_stretch(frames), future[clips]).items():
                 stretched[name][idx] = values
+            if digits is not None:
+                stretched[DIGIT_ACC][idx] = digits(reproduction_stretch(frames), clips)
         if features is not None:
             features[idx] = video_features(i3d, past[clips], frames, config)
         for j, (c, s) in enumerate(zip(clips.tolist(), samples.tolist())):
@@ -202,7 +220,7 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
 
 
 def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_config: dict, steps: int,
-               fvd_weights: str | None = None) -> str:
+               fvd_weights: str | None = None, digit_classifier: str | None = None) -> str:
     weights = hashlib.sha256()
     for tensor in pipe.unet.state_dict().values():
         weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -215,7 +233,9 @@ def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_
            # diffusers' private config entries ("_use_default_values": a list in set order, which Python's
            # hash randomization reshuffles in every process) say nothing about what the sampler does
            "sampler": {k: v for k, v in sampler_config.items() if not k.startswith("_")}, "steps": steps,
-           "metrics": list(METRICS), "fvd_weights": fvd_weights}
+           "metrics": list(METRICS), "fvd_weights": fvd_weights,
+           # digit identity: the classifier's weights, or None where the test set has no positions
+           "digit_identity": digit_classifier}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -230,7 +250,8 @@ def _save_cache(path: Path, key: str, result: dict) -> None:
     os.replace(tmp, path)  # a cache file is complete or absent
 
 
-def _load_cache(path: Path, key: str) -> dict | None:
+def _load_cache(path: Path, key: str, metrics: tuple[str, ...] = ()) -> dict | None:
+    """The cached result at ``path`` if its key is ``key`` and it holds every metric of ``metrics``, else None."""
     if not path.is_file():
         return None
     try:
@@ -240,6 +261,8 @@ def _load_cache(path: Path, key: str) -> dict | None:
             per_frame = {k[len("metric_"):]: torch.from_numpy(data[k]) for k in data.files if k.startswith("metric_")}
             stretched = {k[len("stretched_"):]: torch.from_numpy(data[k]) for k in data.files
                          if k.startswith("stretched_")}
+            if set(metrics) - set(per_frame):  # written without a metric asked for now: recomputed
+                return None
             features = torch.from_numpy(data["fvd_features"]) if "fvd_features" in data.files else None
             return {"per_frame": per_frame, "gif": torch.from_numpy(data["gif"]), "stretched": stretched,
                     "fvd_features": features, "timing": json.loads(str(data["timing"]))}
@@ -252,14 +275,16 @@ def evaluate(config: EvalConfig) -> dict:
     """Runs the protocol and writes every output into ``config.out``; returns what metrics.json holds."""
     requested = _validate(config)  # names and numbers first, then files: all before any sampling
     device = resolve_device(config.device)
-    check_precision(config.precision, device)
+    precision = precision_info(config.precision, device, fp32="fp32")  # auto resolved once, recorded in metrics.json
+    tqdm.write(describe_precision(precision))
+    asked, config = config, dataclasses.replace(config, precision=precision["resolved"])  # what runs (and is cached)
     pipe = MCVDPipeline.from_pretrained(config.model)
     shipped = shipped_sampler(pipe)
     if SHIPPED in config.samplers and shipped is None:
         raise ValueError(f"--samplers {SHIPPED}: {config.model} ships with {type(pipe.scheduler).__name__}, which is "
                          f"none of the named samplers {sorted(SAMPLERS)}; name the sampler instead")
     samplers = list(dict.fromkeys(SamplerSpec.parse(shipped) if spec is None else spec for spec in requested))
-    clips, test_info = load_test_clips(config)
+    clips, test_info, layout = load_test_clips(config, with_layout=True)
     unet_cfg = pipe.unet.config
     num_past = unet_cfg.num_past_frames
     if num_past + config.num_frames > clips.shape[1]:
@@ -273,9 +298,16 @@ def evaluate(config: EvalConfig) -> dict:
         i3d = load_i3d(config.fvd_weights, device)
         fvd_weights = ("random (tests only)" if config.fvd_weights == "random"
                        else f"sha256:{sha256_file(resolve_weights(config.fvd_weights))}")
+    digits = None
+    if layout is None:
+        tqdm.write(f"digit identity: skipped, the {config.test_set} test set records no digit positions")
+    else:  # the layout of the predicted frames
+        positions, labels = layout
+        digits = DigitIdentity(positions[:, num_past : num_past + config.num_frames], labels, device)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     frame_metrics = FrameMetrics(device)
+    metric_names = (*frame_metrics.metrics, *([DIGIT_ACC] if digits is not None else []))
     video = clips_to_video(clips)
     past, future = video[:, :num_past], video[:, num_past : num_past + config.num_frames]
     real_features = video_features(i3d, past, future, config) if i3d is not None else None
@@ -292,6 +324,10 @@ def evaluate(config: EvalConfig) -> dict:
         parts = [frame_metrics(prediction[i : i + config.batch_size], future[i : i + config.batch_size])
                  for i in range(0, len(future), config.batch_size)]
         per_frame = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        if digits is not None:
+            per_frame[DIGIT_ACC] = torch.cat([digits(prediction[i : i + config.batch_size],
+                                                     slice(i, i + config.batch_size))
+                                              for i in range(0, len(future), config.batch_size)])
         rows[label] = {"kind": "baseline", "samples_per_clip": 1,
                        "per_frame": {k: v[:, None] for k, v in per_frame.items()}, "timing": {}}
         if i3d is not None:
@@ -306,10 +342,11 @@ def evaluate(config: EvalConfig) -> dict:
             progress.set_postfix(sampler=spec)
             pipe.scheduler = sampler.build(trained_config)
             cache = out / "cache" / f"{sampler.name.replace('+', 'p')}-{steps}.npz"
-            key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), steps, fvd_weights)
-            result = _load_cache(cache, key)
+            key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), steps, fvd_weights,
+                             None if digits is None else digits.weights)
+            result = _load_cache(cache, key, metric_names)
             if result is None:
-                result = run_sampler(pipe, frame_metrics, past, future, steps, config, progress, i3d)
+                result = run_sampler(pipe, frame_metrics, past, future, steps, config, progress, i3d, digits)
                 _save_cache(cache, key, result)
             else:
                 progress.update(len(past) * config.samples_per_clip)
@@ -328,7 +365,11 @@ def evaluate(config: EvalConfig) -> dict:
         row["metrics"] = aggregate(row.pop("per_frame"))
     fvd = None if i3d is None else {"weights": fvd_weights, "include_past": config.fvd_include_past,
                                     "pooling": config.fvd_pooling, "frame_size": config.fvd_size}
-    record = make_record(config, dict(unet_cfg), test_info, device_name(device), shipped, fvd, rows)
+    record = make_record(asked, dict(unet_cfg), test_info, device_name(device), shipped, fvd, rows)
+    # the classifier and the overlap rule, or why digit identity was skipped (report.py writes either)
+    record["digit_identity"] = ({"skipped": f"the {config.test_set} test set records no digit positions"}
+                                if digits is None else digits.describe())
+    record["precision"] = precision  # asked for, run, why; the CPU's model and native bf16
     write_outputs(out, record, past[: config.gif_clips], future[: config.gif_clips], gifs)
     if config.update_model_card:
         update_model_card(Path(config.model), record)

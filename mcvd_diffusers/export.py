@@ -29,7 +29,10 @@ def training_info(config: TrainConfig, data_source: str, step: int, num_processe
     samples_seen = step * config.batch_size * config.gradient_accumulation_steps * num_processes
     return {"config": config.to_dict(), "data_source": data_source, "steps": step, "num_processes": num_processes,
             "samples_seen": samples_seen, "final_loss": history["train_loss"], "weights_step": weights_step,
-            "val_loss": val_loss, "train_seconds": history.get("train_seconds"), "commands": history.get("commands", [])}
+            "val_loss": val_loss, "train_seconds": history.get("train_seconds"),
+            "commands": history.get("commands", []),
+            # mixed_precision as the run resolved it (runtime.precision_info); None for runs from before "auto"
+            "precision": history.get("precision")}
 
 
 def save_pipeline(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, destination: Path, info: dict,

@@ -17,6 +17,7 @@ import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .pipeline_mcvd import check_pipeline_folder
+from .runtime import describe_precision
 
 CARD_TEMPLATE = Path(__file__).with_name("pipeline_card.md")  # a link to the repository's pipeline_card.md
 INFO_FILE = "training_info.json"
@@ -106,6 +107,10 @@ def render_model_card(info: dict, repo_id: str) -> str:
     else:
         metrics = ("Not evaluated yet. Run `python eval_mcvd.py --model PATH --out results/NAME --update_model_card` "
                    "to add the table here.")
+    # "precision: bf16 (auto: this CPU has native bf16: <model>)"; no line for runs from before mixed_precision auto
+    recorded = info.get("precision")
+    known = isinstance(recorded, dict) and {"resolved", "reason"} <= recorded.keys()
+    precision = describe_precision(recorded) if known else ""
     values = {
         "model_name": config.get("hub_model_id") or _local_name(repo_id, config["output_dir"]),
         "repo_id": repo_id,
@@ -124,6 +129,7 @@ def render_model_card(info: dict, repo_id: str) -> str:
         "val_loss": _number(info["val_loss"]),
         "train_time": _duration(info.get("train_seconds")),
         "commands": "; ".join(f"`{c}`" for c in info.get("commands") or []) or "not recorded (the Python API)",
+        "precision": precision,
         "config": yaml.safe_dump(config, sort_keys=False).strip(),
         "metrics": metrics,
     }

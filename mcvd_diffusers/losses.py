@@ -56,12 +56,26 @@ def denoising_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
+def augment_past(clip: torch.Tensor, num_past_frames: int, max_std: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Clips (B, T, C, H, W) in [0, 1] whose first ``num_past_frames`` carry Gaussian noise of a per-clip
+    std drawn from U(0, max_std), measured on data in [-1, 1] (context noise augmentation)."""
+    batch = clip.shape[0]
+    std = torch.rand(batch, generator=generator, device=clip.device, dtype=clip.dtype) * max_std
+    noise = torch.randn((batch, num_past_frames, *clip.shape[2:]), generator=generator, device=clip.device,
+                        dtype=clip.dtype)
+    past = clip[:, :num_past_frames] + noise * (std / 2)[:, None, None, None, None]  # [0, 1] data: half the std
+    return torch.cat([past, clip[:, num_past_frames:]], dim=1)
+
+
 def diffusion_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.Tensor,
-                   generator: torch.Generator | None = None, min_snr_gamma: float | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
+                   past_noise_augment: float = 0.0) -> torch.Tensor:
     """MCVD's training loss on a batch of clips (B, clip_length, C, H, W) in [0, 1].
 
     Timesteps are uniform over the training schedule; each sample's past and future
-    blocks are masked with the model's ``prob_mask_past`` / ``prob_mask_future``."""
+    blocks are masked with the model's ``prob_mask_past`` / ``prob_mask_future``; with
+    ``past_noise_augment`` > 0 the past frames are noised first (``augment_past``)."""
     model = _unwrapped(unet)
     cfg = model.config
     batch, device = clip.shape[0], clip.device
@@ -70,6 +84,8 @@ def diffusion_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
     keep_past = draw_keep_mask(batch, cfg.prob_mask_past, generator, device)
     keep_future = draw_keep_mask(batch, cfg.prob_mask_future, generator, device) if cfg.num_future_frames else None
+    if past_noise_augment > 0 and cfg.num_past_frames > 0:
+        clip = augment_past(clip, cfg.num_past_frames, past_noise_augment, generator)
     losses = denoising_loss(unet, scheduler, clip, noise, t, keep_past, keep_future)
     if min_snr_gamma is not None:
         losses = losses * min_snr_weights(scheduler, t, min_snr_gamma)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,8 +29,11 @@ from .fvd import feature_statistics, frechet_distance, fvd  # noqa: F401  (FVD i
 
 PSNR_CAP = 100.0  # dB; the PSNR of frames whose MSE is 1e-10 or less
 METRICS = ("mse", "psnr", "ssim", "ssim_binarized", "lpips_alex", "lpips_vgg")
+# Digit identity (mcvd_diffusers/digit_classifier.py): a per-frame metric that needs the digits' true positions,
+# scored where the test set records them. NaN where a frame has no readable digit; averages skip those.
+DIGIT_ACC = "digit_acc"
 HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "ssim_binarized": True,
-                    "lpips_alex": False, "lpips_vgg": False}
+                    "lpips_alex": False, "lpips_vgg": False, DIGIT_ACC: True}
 LPIPS_BACKBONES = {"lpips_alex": ("alex", "alexnet-owt-7be5be79.pth"), "lpips_vgg": ("vgg", "vgg16-397923af.pth")}
 
 
@@ -126,9 +130,13 @@ class FrameMetrics:
 
 
 def mean_with_interval(values: torch.Tensor) -> dict[str, float]:
-    """Mean over clips and the half-width of its 95% interval (1.96 standard errors; 0 for one clip)."""
+    """Mean over clips and the half-width of its 95% interval (1.96 standard errors; 0 for one clip).
+    NaN values (clips without a value) are left out; none left: None for both."""
     values = values.double()
+    values = values[~values.isnan()]
     n = values.numel()
+    if n == 0:
+        return {"mean": None, "ci95": None}
     half = 1.96 * values.std().item() / math.sqrt(n) if n > 1 else 0.0
     return {"mean": values.mean().item(), "ci95": half}
 
@@ -136,19 +144,32 @@ def mean_with_interval(values: torch.Tensor) -> dict[str, float]:
 def aggregate(per_frame: dict[str, torch.Tensor]) -> dict[str, dict]:
     """{metric: (N clips, k samples, F frames)} -> per metric: mean-of-k and best-of-k over clips
     (mean and 95% interval), the per-clip values of both, and the per-frame curves (mean over clips
-    and samples)."""
+    and samples). NaN values (frames a metric cannot score, as digit identity's frames without a readable
+    digit) are left out of every mean; a clip or frame with no value at all has None (JSON's null)."""
     result = {}
     for name, values in per_frame.items():
         if values.ndim != 3:
             raise ValueError(f"{name}: expected (clips, samples, frames), got {tuple(values.shape)}")
-        per_sample = values.double().mean(-1)  # mean over frames -> (N, k)
-        best = per_sample.max(-1).values if HIGHER_IS_BETTER[name] else per_sample.min(-1).values
-        mean_k = per_sample.mean(-1)
+        values = values.double()
+        if values.isnan().any():
+            with warnings.catch_warnings():  # nanmean of nothing is NaN, which is what is meant
+                warnings.simplefilter("ignore")
+                per_sample = values.nanmean(-1)
+                higher = HIGHER_IS_BETTER[name]
+                filled = per_sample.nan_to_num(nan=-math.inf if higher else math.inf)
+                best = filled.max(-1).values if higher else filled.min(-1).values
+                best[per_sample.isnan().all(-1)] = math.nan
+                mean_k, curve = per_sample.nanmean(-1), values.nanmean((0, 1))
+        else:
+            per_sample = values.mean(-1)  # mean over frames -> (N, k)
+            best = per_sample.max(-1).values if HIGHER_IS_BETTER[name] else per_sample.min(-1).values
+            mean_k, curve = per_sample.mean(-1), values.mean((0, 1))
+        as_list = lambda x: [None if math.isnan(v) else v for v in x.tolist()]  # noqa: E731
         result[name] = {
             "mean_of_k": mean_with_interval(mean_k),
             "best_of_k": mean_with_interval(best),
-            "per_clip_mean_of_k": mean_k.tolist(),
-            "per_clip_best_of_k": best.tolist(),
-            "per_frame": values.double().mean((0, 1)).tolist(),
+            "per_clip_mean_of_k": as_list(mean_k),
+            "per_clip_best_of_k": as_list(best),
+            "per_frame": as_list(curve),
         }
     return result

@@ -24,7 +24,7 @@ import torch
 from diffusers.utils import export_to_gif
 
 from .hub import read_training_info, write_model_card
-from .metrics import METRICS
+from .metrics import DIGIT_ACC, METRICS
 from .runtime import versions
 
 GROUND_TRUTH = "ground truth"  # the sanity row, and the first column of the GIFs
@@ -33,6 +33,11 @@ GROUND_TRUTH = "ground truth"  # the sanity row, and the first column of the GIF
 OUTPUT_FILES = ("summary.md", "per_clip.csv", "curves.png", "predictions.gif", "report.html", "metrics.json")
 SUMMARY_COLUMNS = [("mse", "MSE", 4), ("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("ssim_binarized", "SSIM bin", 3),
                    ("lpips_alex", "LPIPS-alex", 3), ("lpips_vgg", "LPIPS-vgg", 3)]
+DIGIT_COLUMN = (DIGIT_ACC, "digit acc", 3)  # where the test set records the digits' positions
+
+
+def _has_digit_identity(record: dict) -> bool:
+    return any(DIGIT_ACC in row["metrics"] for row in record["rows"].values())
 
 
 def clear_outputs(out: Path) -> None:
@@ -92,14 +97,26 @@ def protocol_notes(record: dict) -> list[str]:
                      f"frames at {fvd['frame_size']} px, "
                      + ("all k x N samples as one set" if fvd["pooling"] == "all" else "one FVD per sample index, averaged")
                      + f", against the N real videos; I3D weights {fvd['weights']}.")
+    digits = record.get("digit_identity") or {}
+    if _has_digit_identity(record):
+        accuracy = digits.get("classifier_mnist_test_accuracy")
+        notes.append("Digit acc (higher is better): a small MNIST classifier"
+                     + (f" ({accuracy:.2%} on MNIST test digits)" if accuracy is not None else "")
+                     + " reads the 28x28 window at each digit's true position in every predicted frame; the fraction "
+                     "of digits it reads as the right one. Digits whose window overlaps another digit's by more than "
+                     f"{digits.get('max_overlap', 0.5):.0%} of its area are left out of that frame. The ground-truth "
+                     "row is the classifier's own ceiling on these clips.")
+    elif digits.get("skipped"):
+        notes.append(f"Digit identity: skipped, {digits['skipped']}.")
     return notes
 
 
 def summary_table(record: dict) -> str:
     """The markdown table: one line per row and aggregation (mean-of-k, best-of-k), mean ± 95% interval."""
     with_fvd = record.get("fvd") is not None
+    columns = [*SUMMARY_COLUMNS, *([DIGIT_COLUMN] if _has_digit_identity(record) else [])]
     header = ["row", "steps", "s/video (batch 1)", "s/video (amortized)", "k", "aggregate",
-              *[title for _, title, _ in SUMMARY_COLUMNS], *(["FVD"] if with_fvd else [])]
+              *[title for _, title, _ in columns], *(["FVD"] if with_fvd else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in record["rows"].items():
         for aggregate_name in ("mean_of_k", "best_of_k"):
@@ -109,9 +126,10 @@ def summary_table(record: dict) -> str:
             cells = [shown, str(row.get("steps", "")), _fmt_seconds(row["timing"].get("seconds_per_video_batch1")),
                      _fmt_seconds(row["timing"].get("seconds_per_video_amortized")), str(row["samples_per_clip"]),
                      aggregate_name.replace("_", "-")]
-            for metric, _, digits in SUMMARY_COLUMNS:
+            for metric, _, digits in columns:
                 stats = row["metrics"][metric][aggregate_name]
-                cells.append(f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f}")
+                cells.append("n/a" if stats["mean"] is None  # no clip had a value (digit identity: no readable digit)
+                             else f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f}")
             if with_fvd:  # a set-level number: one per row, on the mean-of-k line
                 fvd_value = row.get("fvd") if aggregate_name == "mean_of_k" else None
                 cells.append("" if fvd_value is None else f"{fvd_value:.1f}")
@@ -128,7 +146,7 @@ def evaluation_results(record: dict) -> list[dict]:
         aggregates = ("mean_of_k",) if row["samples_per_clip"] == 1 else ("mean_of_k", "best_of_k")
         for metric, stats in row["metrics"].items():
             results += [{"row": label, "metric": metric, "aggregate": name, "value": float(stats[name]["mean"]),
-                         "ci95": float(stats[name]["ci95"])} for name in aggregates]
+                         "ci95": float(stats[name]["ci95"])} for name in aggregates if stats[name]["mean"] is not None]
         if row.get("fvd") is not None:
             results.append({"row": label, "metric": "fvd", "aggregate": None, "value": float(row["fvd"]), "ci95": None})
     return results
@@ -173,32 +191,41 @@ def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Ten
 
 
 def _write_per_clip_csv(path: Path, record: dict) -> None:
+    names = [*METRICS, *([DIGIT_ACC] if _has_digit_identity(record) else [])]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "clip", *[f"{m}_{a}" for m in METRICS for a in ("mean_of_k", "best_of_k")]])
+        writer.writerow(["row", "clip", *[f"{m}_{a}" for m in names for a in ("mean_of_k", "best_of_k")]])
         for label, row in record["rows"].items():
             metrics = row["metrics"]
             for clip in range(len(metrics["mse"]["per_clip_mean_of_k"])):
-                writer.writerow([label, clip, *[f"{metrics[m][f'per_clip_{a}'][clip]:.6g}" for m in METRICS
-                                                for a in ("mean_of_k", "best_of_k")]])
+                values = [metrics[m][f"per_clip_{a}"][clip] for m in names for a in ("mean_of_k", "best_of_k")]
+                writer.writerow([label, clip, *["" if v is None else f"{v:.6g}" for v in values]])
 
 
 def plot_curves(path: Path, record: dict) -> None:
-    """SSIM, PSNR and LPIPS against the predicted frame's index, one line per sampler and baseline."""
+    """SSIM, PSNR and LPIPS (and digit identity, where scored) against the predicted frame's index, one line
+    per sampler and baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("ssim", "SSIM"), ("psnr", "PSNR (dB)"), ("lpips_alex", "LPIPS (AlexNet)"), ("lpips_vgg", "LPIPS (VGG)")]
+    if _has_digit_identity(record):
+        panels.append((DIGIT_ACC, "digit accuracy"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    # one color per row in every panel; the ground truth (drawn only where it is not a perfect score) in black
+    colors = {label: f"C{i}" for i, label in enumerate(label for label in record["rows"] if label != GROUND_TRUTH)}
+    colors[GROUND_TRUTH] = "black"
     for ax, (metric, title) in zip(axes, panels):
         for label, row in record["rows"].items():
-            if label == GROUND_TRUTH:
-                continue  # a flat line at the perfect score
-            curve = row["metrics"][metric]["per_frame"]
-            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
+            if label == GROUND_TRUTH and metric != DIGIT_ACC:
+                continue  # a flat line at the perfect score (digit identity's is the classifier's ceiling)
+            curve = [float("nan") if v is None else v for v in row["metrics"][metric]["per_frame"]]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, color=colors[label],
                     linestyle="--" if row["kind"] == "baseline" else "-", label=label)
+        if metric == DIGIT_ACC:
+            ax.legend(fontsize=8)
         ax.set_xlabel("predicted frame")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -246,8 +273,9 @@ def comparison_gif(path: str | os.PathLike, past: torch.Tensor, target: torch.Te
             name, _, sample = label.partition(" #")
             draw.text((i * tile_width + 3, 1), name, fill=(255, 255, 255))
             draw.text((i * tile_width + 3, 13), f"sample {sample}" if sample else "", fill=(200, 200, 200))
-        phase = "past" if t < past.shape[1] else "future"
-        draw.text((grid.shape[1] - 70, 13), f"t={t} {phase}", fill=(160, 160, 160))
+        # counted from 1 like the tables and curves: past 1..P, then predicted frames 1..F
+        caption = f"past {t + 1}" if t < past.shape[1] else f"frame {t - past.shape[1] + 1}"
+        draw.text((grid.shape[1] - 58, 13), caption, fill=(160, 160, 160))
         image.paste(PIL.Image.fromarray(grid), (0, 28))
         frames.append(image)
     path = Path(path)

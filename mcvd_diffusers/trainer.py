@@ -41,8 +41,8 @@ from .interrupt import StopOnSignal, TrainingInterrupted
 from .losses import diffusion_loss
 from .lr_schedules import make_lr_schedule
 from .models.unet_mcvd import MCVDUNet2DModel
-from .runtime import check_precision, maybe_compile, to_channels_last
-from .validation import ValidationSet, write_sample_gif
+from .runtime import describe_precision, maybe_compile, precision_info, to_channels_last
+from .validation import ValidationSet, can_roll_out, write_sample_gif
 
 RUN_MARKER = ".mcvd-run"  # written into every output_dir this project's training creates
 
@@ -50,10 +50,11 @@ RUN_MARKER = ".mcvd-run"  # written into every output_dir this project's trainin
 def train(config: TrainConfig, command: str | None = None) -> Path:
     """Trains (or resumes) a run and returns the folder of the exported pipeline (EMA weights).
     ``command``: the command line that started it, recorded in the model card (train_mcvd.py passes it)."""
-    accelerator = _make_accelerator(config)
+    accelerator, precision = _make_accelerator(config)
+    accelerator.print(describe_precision(precision))
     out, device, is_main = Path(config.output_dir), accelerator.device, accelerator.is_main_process
     checkpoints_dir = out / "checkpoints"
-    resume = _prepare_output_dir(config, accelerator, out)
+    resume = _prepare_output_dir(config, accelerator, out, precision["resolved"])
 
     set_seed(config.seed)
     unet = build_unet(config)
@@ -127,6 +128,7 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     # wall time and commands over every start of the run (resumes add theirs), for the model card
     seconds_before = history.get("train_seconds") or 0.0
     history["commands"] = history.get("commands", []) + ([command] if command else [])
+    history["precision"] = precision  # this start's (a resume on other hardware may resolve auto otherwise)
     started = time.perf_counter()
     with StopOnSignal() as stop:  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, stop
         while step < config.max_steps:
@@ -135,7 +137,8 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
                 with accelerator.accumulate(unet):
                     clip = data.sample(config.batch_size, generator)
                     with accelerator.autocast():
-                        loss = diffusion_loss(unet, scheduler, clip, generator, config.min_snr_gamma)
+                        loss = diffusion_loss(unet, scheduler, clip, generator, config.min_snr_gamma,
+                                              config.past_noise_augment)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
@@ -167,10 +170,17 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
                 val_loss = with_ema_weights(
                     lambda: validation.loss(model, scheduler, accelerator, config.val_batch_size))
                 cut = lr_schedule.report(val_loss)
-                history["validations"].append({"step": step, "loss": val_loss})
-                accelerator.log({"val/loss": val_loss}, step=step)
+                rollout = {}
+                if config.val_rollout_clips > 0 and can_roll_out(model):  # the same clips on every process
+                    rollout = with_ema_weights(lambda: validation.rollout_scores(
+                        model, scheduler, config.sample_sampler, config.val_rollout_clips))
+                history["validations"].append({"step": step, "loss": val_loss, **{f"rollout_{k}": v
+                                                                                   for k, v in rollout.items()}})
+                accelerator.log({"val/loss": val_loss, **{f"val/rollout_{k}": v for k, v in rollout.items()}}, step=step)
                 if is_main:
-                    tqdm.write(f"step {step}: validation loss {val_loss:.5f}" + (", learning rate cut" if cut else ""))
+                    tqdm.write(f"step {step}: validation loss {val_loss:.5f}" + (", learning rate cut" if cut else "")
+                               + "".join(f", 10-frame rollout {k} {v:.4f}" for k, v in rollout.items()
+                                         if k in ("mse", "ssim", "ssim_f10")))
                 if history["best"] is None or val_loss < history["best"]["loss"]:
                     history["best"] = {"step": step, "loss": val_loss}
                     if is_main:
@@ -223,17 +233,18 @@ def _export_run(config: TrainConfig, history: dict, info, save_current, step: in
 
 
 # ------------------------------------------------------------------------------ set-up
-def _make_accelerator(config: TrainConfig) -> Accelerator:
+def _make_accelerator(config: TrainConfig) -> tuple[Accelerator, dict]:
     # Refuse a precision the device cannot run before Accelerate fixes its process-wide state.
     # (cpu= as Accelerator reads it: a PartialState made without it would pin a CPU run to one process.)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    check_precision(config.mixed_precision, state.device)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+    # mixed_precision auto is resolved here, once: Accelerate is given the precision it resolves to.
+    precision = precision_info(config.mixed_precision, state.device)
+    accelerator = Accelerator(mixed_precision=precision["resolved"],
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               log_with="tensorboard" if config.report_to == "tensorboard" else None,
                               project_dir=config.output_dir)
     _check_launch(accelerator)
-    return accelerator
+    return accelerator, precision
 
 
 def _check_launch(accelerator: Accelerator) -> None:
@@ -287,12 +298,16 @@ def _check_output_dir(config: TrainConfig, out: Path, resuming: bool) -> str | N
                      "resume_from_checkpoint=latest to continue it, or overwrite=true to replace it")
 
 
-def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator, out: Path) -> Path | None:
-    """Finds the checkpoint to resume (None: a fresh start), checks the folder, marks it as a run's."""
+def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator, out: Path, precision: str) -> Path | None:
+    """Finds the checkpoint to resume (None: a fresh start), checks the folder, marks it as a run's.
+    ``precision``: what this run's mixed_precision resolved to, compared with the checkpoint's."""
     checkpoints_dir = out / "checkpoints"
     resume = resolve_checkpoint(config.resume_from_checkpoint, checkpoints_dir) if config.resume_from_checkpoint else None
     if resume is not None:
-        check_resume_compatible(read_trainer_state(resume)["config"], config, resume)
+        state = read_trainer_state(resume)
+        recorded = state["history"].get("precision")  # absent from checkpoints saved before mixed_precision auto
+        saved_precision = recorded.get("resolved") if isinstance(recorded, dict) else None
+        check_resume_compatible(state["config"], config, resume, precision, saved_precision)
     clear = _check_output_dir(config, out, resuming=resume is not None)  # every process, before any change
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

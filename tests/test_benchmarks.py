@@ -175,8 +175,11 @@ def test_bench_sample(tmp_path, recorder):
         "scheduler": a["self"].scheduler})
     recorder.record(MCVDUNet2DModel, "forward", "forward")
     payload = recorder.run("bench_sample", tmp_path, "--samplers", "ddim:2", "dpm++:3", "--batch-sizes", "1", "2",
-                           "--repeats", "1")
+                           "--repeats", "1", "--precision", "auto")
     rows = payload["results"]
+    # auto as it resolved on this CPU, which the JSON names with its native bf16 support
+    assert payload["requested_precision"] == "auto" and isinstance(payload["cpu"], str) and payload["cpu"]
+    assert {r["precision"] for r in rows} == {"bf16" if payload["cpu_native_bf16"] else "fp32"}
     assert [(r["sampler"], r["batch_size"]) for r in rows] == [("ddim:2", 1), ("ddim:2", 2), ("dpm++:3", 1),
                                                                ("dpm++:3", 2)]
     for row in rows:

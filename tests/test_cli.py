@@ -19,15 +19,19 @@ def test_train_then_evaluate_writes_a_gif_and_metrics(tmp_path):
                   "--output_dir", str(run_dir))
     assert trained.returncode == 0, trained.stderr
     assert "data: bundled MNIST sample" in trained.stdout
+    assert "precision: fp32 (as configured; this CPU has" in trained.stdout  # tiny.yaml says "no"
     evaluated = run("eval_mcvd.py", "--model", str(run_dir / "pipeline"), "--samplers", "ddpm:3", "ddim:2",
                     "--num_clips", "2", "--samples_per_clip", "2", "--mnist_root", "bundled",
-                    "--out", str(tmp_path / "eval"), "--update_model_card")
+                    "--out", str(tmp_path / "eval"), "--update_model_card", "--precision", "auto")
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"report: {tmp_path / 'eval'}/report.html" in evaluated.stdout
     assert "| ddim:2 | 2 |" in evaluated.stdout  # the summary table is printed
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["rows"]) == {"ground truth", "copy last frame", "ddpm:3", "ddim:2"}
     assert "bundled" in metrics["data_source"]
+    precision = metrics["precision"]  # auto, as it resolved on this machine's CPU
+    assert precision["requested"] == metrics["eval_config"]["precision"] == "auto"
+    assert precision["resolved"] == ("bf16" if precision["cpu_native_bf16"] else "fp32") and precision["cpu_model"]
     card = (run_dir / "pipeline" / "README.md").read_text()
     assert "| ddim:2 | 2 |" in card and "Not evaluated yet" not in card  # the card now shows the table
     exported = run("train_mcvd.py", "--export", str(run_dir / "checkpoints" / "checkpoint-2"), "--to",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mcvd_diffusers import MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler
-from mcvd_diffusers import evaluation
+from mcvd_diffusers import digit_classifier, evaluation
 from mcvd_diffusers.evaluation import EvalConfig, evaluate
 
 
@@ -350,3 +350,55 @@ def test_written_results_name_no_home_folder(evaluated, monkeypatch):
     evaluate(config(record["model"], out))  # the outputs of a finished run (cached)
     written = json.loads((out / "metrics.json").read_text())["test_set"]["path"]
     assert written.startswith(f"~/{Path(os.environ['MCVD_CACHE_DIR']).name}/test_sets/mmnist-test-")
+
+
+def test_digit_identity_in_every_row_and_output(evaluated, model_dir):
+    _, out = evaluated
+    record = evaluate(config(model_dir, out))  # from the cache: earlier tests may have left it without outputs
+    saved = json.loads((out / "metrics.json").read_text())
+    for label, row in saved["rows"].items():
+        assert len(row["metrics"]["digit_acc"]["per_frame"]) == 10, label
+    truth = record["rows"]["ground truth"]["metrics"]["digit_acc"]["mean_of_k"]["mean"]
+    assert truth > 0.8  # the classifier reads the real frames
+    assert saved["digit_identity"]["classifier"] == f"sha256:{digit_classifier.weights_sha256()}"
+    header = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| row"))
+    assert header.endswith("| digit acc |")
+    assert "Digit acc (higher is better)" in (out / "summary.md").read_text()
+    report = _Report()
+    report.feed((out / "report.html").read_text())
+    assert "digit acc" in report.cells
+    with open(out / "per_clip.csv") as f:
+        assert "digit_acc_mean_of_k" in next(csv.reader(f))
+    assert PIL.Image.open(out / "curves.png").size[0] > 5 * 4 * 100  # a fifth panel
+
+
+def test_official_test_set_skips_digit_identity(model_dir, tmp_path, capsys):
+    np.save(tmp_path / "mnist_test_seq.npy", np.zeros((20, 1001, 64, 64), dtype=np.uint8))
+    record = evaluate(config(model_dir, tmp_path / "out", test_set="official", num_clips=2, samples_per_clip=1,
+                             samplers=["ddim:1"], test_file=str(tmp_path / "mnist_test_seq.npy"), timing=False))
+    assert all("digit_acc" not in row["metrics"] for row in record["rows"].values())
+    printed = [line for line in capsys.readouterr().out.splitlines() if "digit identity" in line]
+    assert printed == ["digit identity: skipped, the official test set records no digit positions"]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "digit acc" not in summary and "Digit identity: skipped" in summary
+
+
+def test_a_cache_entry_without_digit_identity_is_recomputed(evaluated, model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from mcvd_diffusers.evaluation import _cache_key
+
+    pipe = MCVDPipeline.from_pretrained(model_dir)
+    keys = {_cache_key(config(model_dir, "x"), pipe, {"name": "generated"}, dict(pipe.scheduler.config), 2,
+                       digit_classifier=weights) for weights in (None, "sha256:a", "sha256:b")}
+    assert len(keys) == 3
+    _, out = evaluated
+    again = tmp_path / "again"
+    shutil.copytree(out / "cache", again / "cache")
+    cache = again / "cache" / "ddim-2.npz"
+    with np.load(cache) as data:
+        kept = {name: data[name] for name in data.files if name != "metric_digit_acc"}
+    np.savez(cache, **kept)  # the same key, written before the metric existed
+    monkeypatch.setattr(evaluation, "run_sampler", lambda *a, **k: pytest.fail("recomputed"))
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        evaluate(config(model_dir, again))

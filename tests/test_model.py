@@ -187,3 +187,42 @@ def test_cpu_preset_runs_on_a_16x16_grid():
     with torch.no_grad():
         out = unet(torch.randn(1, 10, 1, 64, 64), 999, past_frames=torch.rand(1, 5, 1, 64, 64)).sample
     assert out.shape == (1, 10, 1, 64, 64) and torch.isfinite(out).all()
+
+
+def test_residual_to_last_past_adds_the_last_past_frame_to_the_network_output(tmp_path):
+    plain, residual = small(), small(residual_to_last_past=True)
+    residual.load_state_dict(plain.state_dict())  # the same network: only the output's reference differs
+    x, past = torch.randn(2, 3, 1, 32, 32), torch.rand(2, 2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        difference = residual(x, 7, past_frames=past).sample - plain(x, 7, past_frames=past).sample
+        # every current frame is offset by the last past frame, not the first
+        torch.testing.assert_close(difference, past[:, -1:].expand_as(difference))
+        masked = residual(x, 7, past_frames=past, keep_past=torch.tensor([True, False])).sample
+        # a masked past is zeros, so the masked sample's output is the plain network's
+        torch.testing.assert_close(masked[1], plain(x[1:], 7).sample[0])
+    residual.save_pretrained(tmp_path)
+    assert MCVDUNet2DModel.from_pretrained(tmp_path).config.residual_to_last_past is True
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(residual_to_last_past="yes"), "residual_to_last_past must be true or false"),
+    (dict(residual_to_last_past=True, num_past_frames=0), "needs past frames"),
+])
+def test_residual_to_last_past_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small(**overrides)
+
+
+def test_configs_saved_before_residual_to_last_past_load_as_plain_x0(tmp_path):
+    import json
+
+    unet = small()
+    unet.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("residual_to_last_past")  # as saved by versions without it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = MCVDUNet2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.residual_to_last_past is False
+    x, past = torch.randn(1, 3, 1, 32, 32), torch.rand(1, 2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 3, past).sample, unet(x, 3, past).sample)

@@ -28,7 +28,8 @@ CLI_STEPS = 150
 CLI_ARGS = ["--preset", "tiny", "--mnist_root", "bundled", "--image_size", "32", "--num_past_frames", "2",
             "--num_current_frames", "3", "--batch_size", "2", "--max_steps", str(CLI_STEPS), "--learning_rate",
             "1e-3", "--lr_scheduler", "constant", "--validate_every", "50", "--val_clips", "8", "--val_batch_size",
-            "4", "--sample_every", "0", "--checkpoint_every", "0", "--log_every", "1", "--report_to", "none"]
+            "4", "--sample_every", "0", "--checkpoint_every", "0", "--log_every", "1", "--report_to", "none",
+            "--mixed_precision", "no"]  # fp32 on every machine (auto would run bf16 where the CPU has it natively)
 
 
 def start_training(out: Path, *extra: str) -> tuple[subprocess.Popen, Path]:

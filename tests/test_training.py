@@ -31,10 +31,12 @@ def small_config(out, **overrides) -> TrainConfig:
     """A 32-px tiny run of a few steps that validates and checkpoints every 2 steps."""
     values = dict(preset="tiny", mnist_root="bundled", image_size=32, num_past_frames=2, num_current_frames=3,
                   batch_size=2, max_steps=6, learning_rate=1e-3, warmup_steps=1, validate_every=2, val_clips=8,
-                  val_batch_size=4, sample_every=0, checkpoint_every=2, checkpoints_total_limit=None, log_every=1,
+                  val_batch_size=4, sample_every=0, sample_sampler="ddim:2", checkpoint_every=2, checkpoints_total_limit=None, log_every=1,
                   report_to="none", output_dir=str(out))
     # a plateau rule that cuts the LR at most validations, so that its state matters on resume
     values.update(plateau_patience=0, plateau_threshold=0.5, plateau_factor=0.5)
+    # fp32 on every machine: the default, auto, runs bf16 on a CPU with native bf16, and these tests compare numbers
+    values.update(mixed_precision="no")
     values.update(overrides)
     return TrainConfig.from_dict(values)
 
@@ -98,6 +100,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
         ({"block_out_channels": [16, 32, 6.5]}, "'block_out_channels' expects"),
         ({"noise_shift": 0.0}, "noise_shift must be a finite number > 0"),
         ({"noise_shift": float("inf")}, "noise_shift must be a finite number > 0"),
+        ({"mixed_precision": "fp64"}, r"mixed_precision must be one of auto, no \(or fp32\), bf16, fp16, got 'fp64'"),
+        ({"mixed_precision": True}, r"mixed_precision must be one of auto, no \(or fp32\), bf16, fp16, got true"),
     ]:
         with pytest.raises(ValueError, match=message):
             TrainConfig.from_dict(bad)
@@ -132,7 +136,7 @@ def test_shipped_configs_are_valid():
     configs = {name: TrainConfig.from_dict(load_config_file(REPO / "configs" / f"{name}.yaml"))
                for name in ("tiny", "paper", "fast", "cpu")}
     assert configs["paper"].preset == "paper" and configs["paper"].batch_size == 64
-    assert configs["cpu"].prediction_type == "sample" and configs["cpu"].mixed_precision == "bf16"
+    assert configs["cpu"].prediction_type == "sample" and configs["cpu"].mixed_precision == "auto"
     assert configs["fast"].preset == "fast" and configs["tiny"].mnist_root == "bundled"
 
 
@@ -219,11 +223,12 @@ def test_run_exports_pipeline_card_gifs_and_logs(uninterrupted):
     assert "bundled MNIST sample" in card and "Not evaluated yet" in card
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     # the prediction GIFs: 2 validation clips as rows, ground truth and prediction as columns (64-px tiles
-    # with a 2-px border, under a 28-px caption); the 2 past frames play, then the 3 predicted ones
+    # with a 2-px border, under a 28-px caption); the 2 past frames play, then the task's 10 predicted ones
+    # (the model generates 3 per block: rolled out)
     gifs = sorted((out / "samples").glob("*.gif"))
     assert [g.name for g in gifs] == ["step-0000002.gif", "step-0000004.gif", "step-0000006.gif"]
     frames = imageio.mimread(gifs[-1])
-    assert len(frames) == 2 + 3 and frames[0].shape[:2] == (28 + 2 * 68, 2 * 68)
+    assert len(frames) == 2 + 10 and frames[0].shape[:2] == (28 + 2 * 68, 2 * 68)
     assert not np.array_equal(frames[2], frames[3])  # the clips move
     # TensorBoard: the training loss at every step, the validation losses the summary records
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -233,6 +238,10 @@ def test_run_exports_pipeline_card_gifs_and_logs(uninterrupted):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert [round(e.value, 5) for e in events.Scalars("val/loss")] == [round(v["loss"], 5)
                                                                        for v in summary["validations"]]
+    # every validation also rolls the model out to 10 frames on its 8 clips (fewer than val_rollout_clips)
+    assert [round(e.value, 5) for e in events.Scalars("val/rollout_ssim_f10")] == [
+        round(v["rollout_ssim_f10"], 5) for v in summary["validations"]]
+    assert all(0 < v["rollout_mse"] < 1 and -1 < v["rollout_ssim"] < 1 for v in summary["validations"])
 
 
 def test_validation_loss_is_fixed_and_uses_validation_digits(uninterrupted):
@@ -297,8 +306,13 @@ def test_killed_while_saving_keeps_previous_checkpoint(uninterrupted, tmp_path, 
     assert_same_run(uninterrupted, out)
 
 
-def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninterrupted, tmp_path, mnist_dir):
+def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninterrupted, tmp_path, mnist_dir,
+                                                                             monkeypatch):
     import shutil
+
+    from accelerate.state import AcceleratorState
+
+    from mcvd_diffusers import runtime
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
@@ -308,9 +322,18 @@ def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninte
         train(small_config(out, mnist_root=str(mnist_dir), resume_from_checkpoint="latest"))  # may move, not change
     with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
         train(small_config(out, resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-5")))
-    train(small_config(out, max_steps=8, resume_from_checkpoint="latest"))
+    # the run trained in fp32 ("no"): auto may resume it where auto resolves to fp32, not where it resolves to bf16
+    AcceleratorState._reset_state(reset_partial_state=True)  # Accelerate fixes one precision per process
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    with pytest.raises(ValueError, match=r"cannot resume .*mixed_precision: checkpoint 'no', now 'auto' \(resolves "
+                                         r"to 'bf16' here\)"):
+        train(small_config(out, max_steps=8, mixed_precision="auto", resume_from_checkpoint="latest"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    train(small_config(out, max_steps=8, mixed_precision="auto", resume_from_checkpoint="latest"))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 8 and [v["step"] for v in summary["validations"]] == [2, 4, 6, 8]
+    assert (summary["precision"]["requested"], summary["precision"]["resolved"]) == ("auto", "no")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -382,14 +405,26 @@ def test_export_on_demand_and_fake_hub_upload(uninterrupted, tmp_path, monkeypat
         push_to_hub(out / "pipeline", "someone/mcvd-tiny")
 
 
-def test_training_with_the_cpu_fast_paths_and_accumulation(tmp_path):
-    config = small_config(tmp_path / "run", max_steps=2, mixed_precision="bf16", channels_last=True,
+def test_training_with_the_cpu_fast_paths_and_accumulation(tmp_path, monkeypatch, capsys):
+    from mcvd_diffusers import runtime
+
+    # auto on a CPU with native bf16 (mocked, so that every machine runs this as bf16)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_model_name", lambda: "Test CPU 9000")
+    config = small_config(tmp_path / "run", max_steps=2, mixed_precision="auto", channels_last=True,
                           fused_adamw=True, gradient_accumulation_steps=2, min_snr_gamma=5.0, lr_scheduler="cosine",
                           sample_every=2)
     pipe = MCVDPipeline.from_pretrained(train(config))
     assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
+    assert "precision: bf16 (auto: this CPU has native bf16: Test CPU 9000)\n" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert summary["config"]["mixed_precision"] == "bf16" and summary["samples_seen"] == 2 * 2 * 2
+    assert summary["config"]["mixed_precision"] == "auto" and summary["samples_seen"] == 2 * 2 * 2
+    recorded = {"requested": "auto", "resolved": "bf16", "cpu_model": "Test CPU 9000", "cpu_native_bf16": True}
+    assert recorded.items() <= summary["precision"].items()
+    info = json.loads((tmp_path / "run" / "pipeline" / "training_info.json").read_text())
+    assert info["precision"] == summary["precision"]
+    card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    assert "- precision: bf16 (auto: this CPU has native bf16: Test CPU 9000)\n- config:" in card
     assert (tmp_path / "run" / "samples" / "step-0000002.gif").stat().st_size > 1000
 
 

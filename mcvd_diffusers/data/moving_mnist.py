@@ -3,7 +3,9 @@
 - ``MovingMNIST`` draws a whole batch of sequences in one call, on the device its
   digits live on, so training can draw fresh clips every step.
 - ``load_test_set`` materializes a fixed set of clips from MNIST *test* digits once,
-  as a ``datasets.Dataset`` saved to disk (Arrow, memory-mapped), and reuses it.
+  as a ``datasets.Dataset`` saved to disk (Arrow, memory-mapped), and reuses it. Beside the
+  frames it records where each digit is in every frame and which digit it is
+  (``clip_layout``), for the digit-identity metric.
 - ``load_mnist_test_seq`` reads the standard ``mnist_test_seq.npy`` (Srivastava et al. 2015).
 """
 
@@ -36,6 +38,8 @@ class MovingMNIST:
     Args:
         digits: (N, 28, 28) uint8 digit images (``MNISTDigits.images``); their device is
             the device sequences are generated on.
+        labels: (N,) their classes (``MNISTDigits.labels``), optional: ``sample(..., return_layout=True)``
+            returns them per digit when given.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class MovingMNIST:
         num_frames: int = 20,
         motion: str = "deterministic",
         step_length: float = 0.1,
+        labels: torch.Tensor | None = None,
     ):
         if digits.ndim != 3 or tuple(digits.shape[1:]) != (DIGIT_SIZE, DIGIT_SIZE) or digits.dtype != torch.uint8:
             raise ValueError(f"digits must be a (N, 28, 28) uint8 tensor, got {tuple(digits.shape)} {digits.dtype}")
@@ -59,7 +64,10 @@ class MovingMNIST:
             raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
         if not 0 < step_length <= 1:
             raise ValueError(f"step_length must be in (0, 1], got {step_length}")
+        if labels is not None and tuple(labels.shape) != (len(digits),):
+            raise ValueError(f"labels must be one per digit, shape ({len(digits)},), got {tuple(labels.shape)}")
         self.digits = digits
+        self.labels = None if labels is None else labels.to(device=digits.device, dtype=torch.int64)
         self.image_size = image_size
         self.num_digits = num_digits
         self.num_frames = num_frames
@@ -106,18 +114,33 @@ class MovingMNIST:
         canvas.scatter_reduce_(1, flat, values, reduce="amax")
         return canvas.view(B, T, self.image_size, self.image_size)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
-        """A batch of sequences (B, T, 1, H, W): floats in [0, 1], or uint8 when ``dtype=torch.uint8``."""
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, dtype=torch.float32,
+               return_layout: bool = False):
+        """A batch of sequences (B, T, 1, H, W): floats in [0, 1], or uint8 when ``dtype=torch.uint8``.
+
+        With ``return_layout=True``: ``(frames, positions, labels)``, where positions (B, T, D, 2) int64 are
+        each digit's top-left pixel (row, col) in every frame and labels (B, D) int64 its class (None when
+        the generator was made without ``labels``). The frames are the same either way, for the same
+        generator state: the layout is what they were drawn from, not a second draw."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         index = torch.randint(len(self.digits), (batch_size, self.num_digits), generator=generator, device=self.device)
-        frames = self.render(self.digits[index], self.trajectories(batch_size, generator))[:, :, None]
-        return frames if dtype == torch.uint8 else frames.to(dtype) / 255
+        positions = self.trajectories(batch_size, generator)
+        frames = self.render(self.digits[index], positions)[:, :, None]
+        frames = frames if dtype == torch.uint8 else frames.to(dtype) / 255
+        if not return_layout:
+            return frames
+        return frames, positions, None if self.labels is None else self.labels[index]
 
 
 # ---------------------------------------------------------------- fixed test set
 TEST_SET_SEED = 2022
 TEST_SET_CLIPS = 1000
+# What a materialized test set holds. 1: frames; 2: frames, positions and labels (the same frames). Part of
+# the cache key, so a test set cached by an earlier version is never taken for one with positions: a new one
+# is generated beside it (and a folder of this format that lacks them is regenerated).
+TEST_SET_FORMAT = 2
+LAYOUT_COLUMNS = ("positions", "labels")
 _TEST_SET_META = "mcvd_test_set.json"
 
 
@@ -133,17 +156,37 @@ def build_test_set(
     **generator_kwargs,
 ):
     """Generates ``num_clips`` clips on the CPU with a fixed seed: a ``datasets.Dataset`` with a uint8
-    column ``frames`` of shape (T, H, W). The same arguments give the same clips on every machine."""
+    column ``frames`` of shape (T, H, W), and the layout they were drawn from: ``positions`` (T, D, 2) int16,
+    each digit's top-left pixel (row, col) per frame, and ``labels`` (D,) int64, each digit's class.
+    The same arguments give the same clips on every machine."""
     import datasets
 
-    generator = MovingMNIST(digits.images.cpu(), **generator_kwargs)
+    generator = MovingMNIST(digits.images.cpu(), labels=digits.labels.cpu(), **generator_kwargs)
     rng = torch.Generator().manual_seed(seed)
-    chunks = [generator.sample(min(chunk_size, num_clips - i), rng, dtype=torch.uint8)[:, :, 0]
+    chunks = [generator.sample(min(chunk_size, num_clips - i), rng, dtype=torch.uint8, return_layout=True)
               for i in range(0, num_clips, chunk_size)]
-    frames = torch.cat(chunks).numpy()
+    frames = torch.cat([chunk[0][:, :, 0] for chunk in chunks]).numpy()
+    positions = torch.cat([chunk[1] for chunk in chunks]).to(torch.int16).numpy()
+    labels = torch.cat([chunk[2] for chunk in chunks]).numpy()
     T, H, W = frames.shape[1:]
-    features = datasets.Features({"frames": datasets.Array3D(shape=(T, H, W), dtype="uint8")})
-    return datasets.Dataset.from_dict({"frames": frames}, features=features)
+    D = positions.shape[2]
+    features = datasets.Features({
+        "frames": datasets.Array3D(shape=(T, H, W), dtype="uint8"),
+        "positions": datasets.Array3D(shape=(T, D, 2), dtype="int16"),
+        "labels": datasets.Sequence(datasets.Value("int64"), length=D),
+    })
+    return datasets.Dataset.from_dict({"frames": frames, "positions": positions, "labels": labels},
+                                      features=features)
+
+
+def clip_layout(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The digits' positions (N, T, D, 2) and labels (N, D), int64, of a materialized test set, or None
+    for a dataset that does not record them. (The dataset's uint8 torch format would cast them to uint8.)"""
+    if not set(LAYOUT_COLUMNS) <= set(dataset.column_names):
+        return None
+    layout = dataset.with_format("numpy", columns=list(LAYOUT_COLUMNS))[:]
+    return (torch.from_numpy(np.asarray(layout["positions"], dtype=np.int64)),
+            torch.from_numpy(np.asarray(layout["labels"], dtype=np.int64)))
 
 
 def load_test_set(
@@ -161,6 +204,7 @@ def load_test_set(
 
     digits = load_mnist("test", root=root)
     meta = {
+        "format": TEST_SET_FORMAT,
         "num_clips": num_clips,
         "seed": seed,
         "digits": digits_fingerprint(digits.images),
@@ -169,7 +213,7 @@ def load_test_set(
     }
     key = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "data_source"}, sort_keys=True).encode())
     folder = Path(cache_dir or default_cache_dir() / "test_sets") / f"mmnist-test-{key.hexdigest()[:12]}"
-    if not (folder / _TEST_SET_META).is_file():
+    if not (folder / _TEST_SET_META).is_file() or not _has_layout(folder):
         dataset = build_test_set(digits, num_clips=num_clips, seed=seed, **generator_kwargs)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,6 +224,16 @@ def load_test_set(
     # The formatters widen integers to int64 unless told the dtype; the frames are stored as uint8.
     dataset = datasets.load_from_disk(str(folder)).with_format("torch", dtype=torch.uint8)
     return dataset, {**meta, "path": str(folder)}
+
+
+def _has_layout(folder: Path) -> bool:
+    """Whether a cached test set records the digits' positions and labels (a folder of this format without
+    them was written by other code; it is regenerated)."""
+    try:
+        info = json.loads((folder / "dataset_info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return set(LAYOUT_COLUMNS) <= set(info.get("features") or {})
 
 
 def clips_to_video(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
