@@ -19,8 +19,11 @@ endif
 
 install: $(BIN)/.installed
 
+# TORCH_INDEX: a wheel index to take torch and torchvision from first, e.g. PyTorch's CPU-only wheels
+# (make install TORCH_INDEX=https://download.pytorch.org/whl/cpu): without it pip takes PyPI's CUDA build.
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --progress-bar off torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --progress-bar off -e ".[test]"
 	touch $@
 
@@ -30,9 +33,9 @@ demo: install
 	$(BIN)/python eval_mcvd.py --model $(MODEL) --samplers shipped --num_clips 16 --samples_per_clip 2 --batch_size 32 --mnist_root bundled --out $(DEMO_DIR)
 
 train-demo: install
-	$(BIN)/python train_mcvd.py --config configs/tiny.yaml --output_dir $(TRAIN_DEMO_DIR) --overwrite true
-	$(BIN)/python eval_mcvd.py --model $(TRAIN_DEMO_DIR)/pipeline --samplers ddim:50 dpm++:20 \
-		--num_clips 4 --samples_per_clip 2 --batch_size 8 --mnist_root bundled --out $(TRAIN_DEMO_DIR)/eval --update_model_card
+	$(BIN)/python train_mcvd.py --config configs/quickstart.yaml --output_dir $(TRAIN_DEMO_DIR) --overwrite true
+	$(BIN)/python eval_mcvd.py --model $(TRAIN_DEMO_DIR)/pipeline --samplers shipped \
+		--num_clips 16 --samples_per_clip 2 --batch_size 32 --mnist_root bundled --out $(TRAIN_DEMO_DIR)/eval --update_model_card
 
 test: install
 	$(BIN)/python -m pytest

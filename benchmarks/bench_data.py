@@ -12,7 +12,7 @@ import argparse
 
 import torch
 from bench_train import make_step
-from common import digits_on, environment, median_seconds, pick_device, print_table, write_json
+from common import add_threads_option, apply_threads, digits_on, environment, median_seconds, pick_device, print_table, write_json
 
 from mcvd_diffusers import PRESETS
 from mcvd_diffusers.data.moving_mnist import MOTIONS, MovingMNIST
@@ -28,7 +28,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device")
     parser.add_argument("--out")
+    add_threads_option(parser)
     args = parser.parse_args()
+    apply_threads(parser, args)
     device = pick_device(args.device)
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")

@@ -12,7 +12,7 @@ weights, so a freshly initialized preset stands in for a trained model unless --
 import argparse
 
 import torch
-from common import environment, median_seconds, peak_memory_gib, pick_device, print_table, reset_peak_memory, write_json
+from common import add_threads_option, apply_threads, environment, median_seconds, peak_memory_gib, pick_device, print_table, reset_peak_memory, write_json
 
 from mcvd_diffusers import PRESETS, MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers.schedulers import SamplerSpec
@@ -55,10 +55,12 @@ def main():
     parser.add_argument("--precision", default="fp32", help=f"autocast for the UNet: {CHOICES_TEXT} (auto: bf16 where "
                                                              "the device runs it natively, else fp32)")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch size (their median is reported)")
     parser.add_argument("--device")
     parser.add_argument("--out")
+    add_threads_option(parser)
     args = parser.parse_args()
+    apply_threads(parser, args)
     device = pick_device(args.device)
     try:
         samplers = [SamplerSpec.parse(s) for s in args.samplers]

@@ -8,7 +8,7 @@ The clips come from MNIST *validation* digits, drawn as training validates (the 
 training config, training_info.json), never from the test set: a shipped step count chosen here
 is not tuned on the test clips. Every sampler predicts the 10 frames after the past, block by block
 (``--samplers ddim:10`` is 10 steps per block). Latency: one 10-frame prediction at batch 1 (median of
-3 runs after a warm-up), on this machine's threads.
+5 runs after a warm-up), on this machine's threads.
 """
 
 import argparse
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from common import environment, median_seconds, print_table, score, split_past_target, write_json
+from common import add_threads_option, apply_threads, environment, median_seconds, print_table, score, split_past_target, write_json
 
 from mcvd_diffusers import MCVDPipeline
 from mcvd_diffusers.data.mnist import load_mnist
@@ -41,7 +41,9 @@ def main():
     parser.add_argument("--precision", default="fp32", help="autocast for the UNet: fp32, bf16 or auto (bf16 where the "
                                                              "CPU runs it natively, else fp32)")
     parser.add_argument("--out", default=None)
+    add_threads_option(parser)
     args = parser.parse_args()
+    apply_threads(parser, args)
     try:
         samplers = [SamplerSpec.parse(spec) for spec in args.samplers]
         precision = resolve_precision(args.precision, "cpu", fp32="fp32")  # what runs, and what the JSON records
@@ -73,7 +75,7 @@ def main():
             timed = MCVDPipeline(unet=unet, scheduler=sampler.build(trained.config))
             timed.set_progress_bar_config(disable=True)
             latency = median_seconds(lambda: timed(past[:1], num_frames=target.shape[1], num_inference_steps=steps),
-                                     torch.device("cpu"), 3)
+                                     torch.device("cpu"), 5)
         rows.append({"sampler": spec, "steps": steps, "seconds_batch1": latency, **scores})
         print(f"{spec}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k != "sampler"), flush=True)
     print(f"{args.val_clips} validation clips x {args.samples} samples, {precision}, "

@@ -13,7 +13,7 @@ also runs once as fp32 eager without fast paths: "speedup" is relative to that r
 import argparse
 
 import torch
-from common import digits_on, environment, matmul_tflops, median_seconds, pick_device, print_table, write_json
+from common import add_threads_option, apply_threads, digits_on, environment, matmul_tflops, median_seconds, pick_device, print_table, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from mcvd_diffusers import PRESETS, MCVDUNet2DModel, make_noise_scheduler
@@ -67,7 +67,9 @@ def main():
     parser.add_argument("--fused-adamw", action="store_true")
     parser.add_argument("--device")
     parser.add_argument("--out")
+    add_threads_option(parser)
     args = parser.parse_args()
+    apply_threads(parser, args)
     device = pick_device(args.device)
     unknown = set(args.presets) - set(PRESETS)
     if unknown:

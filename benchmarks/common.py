@@ -12,9 +12,12 @@ import torch
 
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.pipeline_mcvd import MCVDPipeline
-from mcvd_diffusers.runtime import cpu_has_native_bf16, cpu_model_name, device_name, synchronize, versions
+from mcvd_diffusers.runtime import cpu_has_native_bf16, cpu_model_name, device_name, machine_state, synchronize, versions
 from mcvd_diffusers.schedulers import SamplerSpec
 from mcvd_diffusers.validation import PREDICTED_FRAMES
+
+
+MACHINE_AT_START: dict | None = None  # set by apply_threads
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -68,7 +71,25 @@ def environment(device: torch.device) -> dict:
     """The device, the CPU (its model, and whether it runs bf16 natively: elsewhere bf16 is emulated, far slower than
     fp32) and the versions."""
     return {"device": device_name(device), "cpu": cpu_model_name(), "cpu_native_bf16": cpu_has_native_bf16(),
-            "versions": versions()}
+            "machine_at_start": MACHINE_AT_START, "versions": versions()}
+
+
+def add_threads_option(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads torch uses (default: torch's, one per core); with other work on the machine, "
+                             "fewer threads than cores keep OpenMP threads from waiting on each other")
+
+
+def apply_threads(parser, args) -> None:
+    """Sets --threads, then records the machine as the benchmark starts (CPU, threads, load average)."""
+    global MACHINE_AT_START
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    MACHINE_AT_START = machine_state()
+    print(f"machine: {MACHINE_AT_START['cpu']}, {MACHINE_AT_START['threads']} threads, load average "
+          f"{MACHINE_AT_START['load_average'][0]:.2f}", flush=True)
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:

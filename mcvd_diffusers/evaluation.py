@@ -34,8 +34,8 @@ from .metrics import DIGIT_ACC, METRICS, FrameMetrics, aggregate
 from .models.i3d import I3D, load_i3d, resolve_weights
 from .pipeline_mcvd import MCVDPipeline
 from .report import GROUND_TRUTH, clear_outputs, make_record, update_model_card, write_outputs
-from .runtime import (autocast, describe_precision, device_name, maybe_compile, precision_info, resolve_device,
-                      synchronize)
+from .runtime import (autocast, describe_precision, device_name, machine_state, maybe_compile, precision_info,
+                      resolve_device, synchronize)
 from .schedulers import SAMPLERS, SamplerSpec, make_sampler
 
 TEST_SETS = ("generated", "official")
@@ -59,7 +59,8 @@ class EvalConfig:
     seed: int = 0  # of the sampling noise (one generator per video)
     device: str | None = None  # cpu, cuda or cuda:N; default: cuda if available, else cpu
     gif_clips: int = 4  # clips shown in predictions.gif
-    timing: bool = True  # also time batch-1 latency
+    timing: bool = True  # also time batch-1 latency (median of 5 calls after a warm-up, with its spread)
+    threads: int | None = None  # CPU threads torch uses (torch.set_num_threads); default: torch's (the cores)
     # the UNet's forward under autocast: "fp32", "bf16", "fp16", or "auto" (bf16 where the hardware runs it natively)
     precision: str = "fp32"
     compile: bool = False  # torch.compile the UNet (falls back to eager with a warning)
@@ -101,6 +102,8 @@ def _validate(config: EvalConfig) -> list[SamplerSpec | None]:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.seed < 0:
         raise ValueError(f"seed must be >= 0, got {config.seed}")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {config.threads}")
     if config.gif_clips < 0:
         raise ValueError(f"gif_clips must be >= 0, got {config.gif_clips}")
     if config.test_set not in TEST_SETS:
@@ -146,15 +149,27 @@ def _video_generators(device, seed: int, clip_index: torch.Tensor, sample_index:
             for c, s in zip(clip_index, sample_index)]
 
 
-def _time_batch1(pipe, past, steps, num_frames, device, precision) -> float:
-    """Seconds for one video at batch 1, after a short warm-up, synchronized."""
+TIMED_CALLS = 5  # batch-1 latency: the median of this many calls after a warm-up call
+# A spread ((max - min) / median) above this means the calls did not run alike: another process held the cores
+# (OpenMP threads then wait on each other), so the latency is flagged as measured on a busy machine.
+CONTENDED_SPREAD = 0.25
+
+
+def _time_batch1(pipe, past, steps, num_frames, device, precision) -> dict:
+    """Batch-1 latency of one video: the median (and spread) of ``TIMED_CALLS`` calls after a warm-up, synchronized."""
+    seconds = []
     with autocast(precision, device):
-        pipe(past[:1], num_frames=num_frames, num_inference_steps=min(steps, 2), generator=torch.Generator(device))
-        synchronize(device)
-        start = time.perf_counter()
         pipe(past[:1], num_frames=num_frames, num_inference_steps=steps, generator=torch.Generator(device))
-        synchronize(device)
-    return time.perf_counter() - start
+        for _ in range(TIMED_CALLS):
+            synchronize(device)
+            start = time.perf_counter()
+            pipe(past[:1], num_frames=num_frames, num_inference_steps=steps, generator=torch.Generator(device))
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    median = float(np.median(seconds))
+    spread = (max(seconds) - min(seconds)) / median
+    return {"seconds_per_video_batch1": median, "batch1_calls": seconds, "batch1_spread": spread,
+            "batch1_contended": spread > CONTENDED_SPREAD}
 
 
 def video_features(i3d: I3D, past: torch.Tensor, frames: torch.Tensor, config: EvalConfig) -> torch.Tensor:
@@ -212,8 +227,7 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
         progress.update(len(clips))
     timing = {"seconds_per_video_amortized": sampling_seconds / (n * k), "batch_size": config.batch_size}
     if config.timing:
-        timing["seconds_per_video_batch1"] = _time_batch1(pipe, past, steps, config.num_frames, device,
-                                                          config.precision)
+        timing.update(_time_batch1(pipe, past, steps, config.num_frames, device, config.precision))
     return {"per_frame": {name: v.view(n, k, -1) for name, v in per_frame.items()}, "gif": gif, "timing": timing,
             "stretched": {name: v.view(n, k, -1) for name, v in stretched.items()},
             "fvd_features": None if features is None else features.view(n, k, -1)}
@@ -274,10 +288,15 @@ def _load_cache(path: Path, key: str, metrics: tuple[str, ...] = ()) -> dict | N
 def evaluate(config: EvalConfig) -> dict:
     """Runs the protocol and writes every output into ``config.out``; returns what metrics.json holds."""
     requested = _validate(config)  # names and numbers first, then files: all before any sampling
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    machine = machine_state()  # before any work: how busy the machine was when the evaluation started
+    tqdm.write(f"machine: {machine['cpu']}, {machine['threads']} threads, load average {machine['load_average'][0]:.2f}")
     device = resolve_device(config.device)
     precision = precision_info(config.precision, device, fp32="fp32")  # auto resolved once, recorded in metrics.json
     tqdm.write(describe_precision(precision))
     asked, config = config, dataclasses.replace(config, precision=precision["resolved"])  # what runs (and is cached)
+    tqdm.write(f"loading the pipeline {config.model}")
     pipe = MCVDPipeline.from_pretrained(config.model)
     shipped = shipped_sampler(pipe)
     if SHIPPED in config.samplers and shipped is None:
@@ -366,6 +385,7 @@ def evaluate(config: EvalConfig) -> dict:
     fvd = None if i3d is None else {"weights": fvd_weights, "include_past": config.fvd_include_past,
                                     "pooling": config.fvd_pooling, "frame_size": config.fvd_size}
     record = make_record(asked, dict(unet_cfg), test_info, device_name(device), shipped, fvd, rows)
+    record["machine"] = machine
     # the classifier and the overlap rule, or why digit identity was skipped (report.py writes either)
     record["digit_identity"] = ({"skipped": f"the {config.test_set} test set records no digit positions"}
                                 if digits is None else digits.describe())

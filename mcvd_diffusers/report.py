@@ -84,9 +84,29 @@ def _fmt_seconds(value) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+def _fmt_latency(timing: dict) -> str:
+    """The batch-1 median with its spread; flagged when the calls' spread shows another process held the cores."""
+    text = _fmt_seconds(timing.get("seconds_per_video_batch1"))
+    if text and "batch1_spread" in timing:
+        text += f" (±{timing['batch1_spread'] * 50:.0f}%)"
+        if timing.get("batch1_contended"):
+            text += " busy"
+    return text
+
+
 def protocol_notes(record: dict) -> list[str]:
-    """Sentences that say what the stretched rows and the FVD column are, when a record has them."""
+    """Sentences that say what the stretched rows and the FVD column are, when a record has them, and where the
+    timings were measured."""
     notes = []
+    machine = record.get("machine")
+    if machine:
+        notes.append(f"Timings: {machine['cpu']} (native bf16: {'yes' if machine['cpu_native_bf16'] else 'no'}), "
+                     f"{machine['threads']} threads on {machine['cores']} cores, load average "
+                     f"{machine['load_average'][0]:.2f} at the start; batch 1 is the median of 5 calls after a warm-up "
+                     "(± half their range)" + ("; rows marked busy had calls apart by more than 25%: another process "
+                                               "shared the cores, so their latency is not this machine's"
+                                               if any(r["timing"].get("batch1_contended")
+                                                      for r in record["rows"].values()) else "") + ".")
     if record["eval_config"].get("stretch"):
         notes.append("Rows marked '+ stretch' score the same predictions after the reproduction's contrast stretch, "
                      "(x - 0.2) / 0.6 clipped to [0, 1], which turns grey pixels black or white and so raises SSIM "
@@ -123,7 +143,7 @@ def summary_table(record: dict) -> str:
             if aggregate_name == "best_of_k" and row["samples_per_clip"] == 1:
                 continue
             shown = f"{label} (shipped)" if label == record.get("shipped_sampler") else label
-            cells = [shown, str(row.get("steps", "")), _fmt_seconds(row["timing"].get("seconds_per_video_batch1")),
+            cells = [shown, str(row.get("steps", "")), _fmt_latency(row["timing"]),
                      _fmt_seconds(row["timing"].get("seconds_per_video_amortized")), str(row["samples_per_clip"]),
                      aggregate_name.replace("_", "-")]
             for metric, _, digits in columns:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import os
 import platform
 import warnings
 from pathlib import Path
@@ -37,7 +38,15 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_model_name()}, {platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def machine_state() -> dict:
+    """What a timing depends on beyond the code: the CPU, native bf16, torch's threads, the cores, and the
+    load average (1, 5, 15 minutes) when it is called: a load above the cores means other work shared them."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"cpu": cpu_model_name(), "cpu_native_bf16": cpu_has_native_bf16(), "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "load_average": [round(x, 2) for x in load]}
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -167,6 +167,7 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}")
                 running, micro_batches, logged_step, logged_time = torch.zeros((), device=device), 0, step, now
             if validate:
+                progress.set_description(f"validating step {step}")  # the bar may already stand at 100%
                 val_loss = with_ema_weights(
                     lambda: validation.loss(model, scheduler, accelerator, config.val_batch_size))
                 cut = lr_schedule.report(val_loss)
@@ -189,6 +190,8 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
             if is_main and config.sample_every > 0 and (step % config.sample_every == 0 or last):
                 gif = out / "samples" / f"step-{step:07d}.gif"
                 with_ema_weights(lambda: write_sample_gif(model, scheduler, validation, config, gif))
+            if validate:
+                progress.set_description("train")
             signum = stop.requested(accelerator)
             if checkpoint or signum:
                 saved = save()
@@ -199,6 +202,7 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     progress.close()
 
     if is_main:
+        accelerator.print(f"exporting the pipeline to {out / 'pipeline'} (with its model card)")
         pipeline_dir = _export_run(config, history, info, lambda target, step_info: with_ema_weights(
             lambda: save_pipeline(model, scheduler, target, step_info, config.export_sampler)), step)
         best = history["best"]

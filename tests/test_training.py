@@ -134,8 +134,14 @@ def test_command_line_overrides_are_typed(capsys):
 
 def test_shipped_configs_are_valid():
     configs = {name: TrainConfig.from_dict(load_config_file(REPO / "configs" / f"{name}.yaml"))
-               for name in ("tiny", "paper", "fast", "cpu")}
+               for name in ("tiny", "paper", "fast", "cpu", "quickstart")}
     assert configs["paper"].preset == "paper" and configs["paper"].batch_size == 64
+    # make train-demo is the shipped recipe scaled down: the same network and block layout, on the bundled digits
+    cpu, quick = configs["cpu"], configs["quickstart"]
+    for key in ("preset", "patch_size", "block_out_channels", "num_past_frames", "num_current_frames",
+                "prediction_type", "residual_to_last_past", "beta_schedule", "mixed_precision"):
+        assert getattr(quick, key) == getattr(cpu, key), key
+    assert quick.mnist_root == "bundled" and quick.max_steps * quick.batch_size < cpu.max_steps * cpu.batch_size / 10
     assert configs["cpu"].prediction_type == "sample" and configs["cpu"].mixed_precision == "auto"
     assert configs["fast"].preset == "fast" and configs["tiny"].mnist_root == "bundled"
 

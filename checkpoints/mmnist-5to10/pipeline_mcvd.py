@@ -196,6 +196,10 @@ class MCVDPipeline(DiffusionPipeline):
             raise ValueError(f"{type(self.scheduler).__name__} is not supported by MCVDPipeline: it does not sample "
                              f"this model's discrete-timestep diffusion exactly. Use one of {list(SUPPORTED_SCHEDULERS)}"
                              ", e.g. DDIMScheduler.from_config(pipe.scheduler.config)")
+        if getattr(cfg, "residual_to_last_past", False) and self.scheduler.config.prediction_type != "sample":
+            raise ValueError("this UNet predicts x0 relative to the last past frame (residual_to_last_past), so its "
+                             "scheduler needs prediction_type='sample', got "
+                             f"{self.scheduler.config.prediction_type!r}")
         if not _is_count(num_inference_steps):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
         if not _is_count(num_frames):

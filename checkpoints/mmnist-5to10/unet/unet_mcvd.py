@@ -99,6 +99,10 @@ class MCVDUNet2DModel(UNet2DModel):
         patch_size: the UNet runs on frames pixel-unshuffled by this factor (space-to-depth: an
             HxW frame becomes (H/p)x(W/p) with p*p times the channels) and its output is
             pixel-shuffled back; 1 runs it at full resolution.
+        residual_to_last_past: the network's output is added to the last past frame (zeros where the
+            past is masked), so an x0-predicting network learns each frame's difference to the last
+            frame it was shown, and a still frame is its zero output. Only for ``prediction_type``
+            "sample" (the pipeline checks); False (configs saved before this key) predicts plainly.
         in_channels / out_channels: derived from the layout; leave them None.
     """
 
@@ -112,6 +116,7 @@ class MCVDUNet2DModel(UNet2DModel):
         prob_mask_past: float = 0.0,
         prob_mask_future: float = 0.0,
         patch_size: int = 1,
+        residual_to_last_past: bool = False,
         sample_size: int = 64,
         in_channels: int | None = None,
         out_channels: int | None = None,
@@ -150,6 +155,10 @@ class MCVDUNet2DModel(UNet2DModel):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         _check_grid(sample_size, patch_size, len(block_out_channels))
+        if not isinstance(residual_to_last_past, bool):
+            raise ValueError(f"residual_to_last_past must be true or false, got {residual_to_last_past!r}")
+        if residual_to_last_past and num_past_frames == 0:
+            raise ValueError("residual_to_last_past needs past frames (num_past_frames >= 1)")
         expected_in = (num_past_frames + num_current_frames + num_future_frames) * frame_channels * patch_size**2
         expected_out = num_current_frames * frame_channels * patch_size**2
         if in_channels not in (None, expected_in) or out_channels not in (None, expected_out):
@@ -290,6 +299,10 @@ class MCVDUNet2DModel(UNet2DModel):
         if patch > 1:
             out = F.pixel_shuffle(out, patch)
         out = out.reshape(sample.shape)
+        if cfg.residual_to_last_past:  # the last past frame as the conditioning block holds it (masked: zeros)
+            channels = cfg.frame_channels
+            last_past = blocks[0][:, -channels:].reshape(sample.shape[0], 1, *sample.shape[2:])
+            out = out + last_past.to(out.dtype)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
@@ -300,4 +313,4 @@ import sys as _sys  # noqa: E402
 import types as _types  # noqa: E402
 
 _made = _sys.modules.setdefault('_mcvd_diffusers_remote_code', _types.ModuleType('_mcvd_diffusers_remote_code')).__dict__
-MCVDUNet2DModel = _made.setdefault('unet_mcvd:791478f5a857b56d:MCVDUNet2DModel', MCVDUNet2DModel)
+MCVDUNet2DModel = _made.setdefault('unet_mcvd:0978d9c51701242f:MCVDUNet2DModel', MCVDUNet2DModel)
