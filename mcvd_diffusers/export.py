@@ -17,6 +17,7 @@ from .models.unet_mcvd import MCVDUNet2DModel
 from .pipeline_mcvd import MCVDPipeline
 from .remote_code import add_remote_code
 from .schedulers import SamplerSpec
+from .validation import PREDICTED_FRAMES, can_roll_out
 
 # Exported weights are split into safetensors shards of at most this size (diffusers' sharded format,
 # which from_pretrained reads back): each file fits git hosts' and the Hub's per-file limits.
@@ -44,8 +45,11 @@ def save_pipeline(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, destination: 
     shutil.rmtree(tmp, ignore_errors=True)
     shipped = sampler.build(scheduler.config)
     with explain_disk_full(tmp):
-        MCVDPipeline(unet=unet, scheduler=shipped, default_num_inference_steps=sampler.steps).save_pretrained(
-            tmp, max_shard_size=MAX_SHARD_SIZE)
+        # pipe(past) answers the task, the 10 frames after the past, whatever the block size (a model that
+        # needs future frames fills exactly one block)
+        frames = PREDICTED_FRAMES if can_roll_out(unet) else None
+        MCVDPipeline(unet=unet, scheduler=shipped, default_num_inference_steps=sampler.steps,
+                     default_num_frames=frames).save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         add_remote_code(tmp)  # DiffusionPipeline.from_pretrained(..., trust_remote_code=True) without this package
         write_checksums(tmp)  # from_pretrained verifies them
         info = {**info, "scheduler": f"{type(shipped).__name__} ({sampler.name})",

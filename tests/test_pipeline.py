@@ -214,6 +214,31 @@ def test_a_saved_pipeline_keeps_its_default_step_count(tiny_pipe, past, tmp_path
         MCVDPipeline(unet=tiny_pipe.unet, scheduler=tiny_pipe.scheduler, default_num_inference_steps=0)
 
 
+def test_a_saved_pipeline_keeps_its_default_frame_count(tiny_pipe, past, tmp_path):
+    """A model that generates 3 frames per pass, saved to answer with 7: pipe(past) rolls out to 7; a pipeline
+    saved before the setting existed (or with None) generates one block."""
+    import json
+
+    assert tiny_pipe(past, num_inference_steps=1, generator=gen()).frames.shape[1] == 3  # one block
+    pipe = MCVDPipeline(unet=tiny_pipe.unet, scheduler=tiny_pipe.scheduler, default_num_frames=7)
+    pipe.save_pretrained(tmp_path)
+    loaded = MCVDPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.default_num_frames == 7
+    default = loaded(past, num_inference_steps=2, generator=gen()).frames
+    torch.testing.assert_close(default, loaded(past, num_frames=7, num_inference_steps=2, generator=gen()).frames,
+                               atol=0, rtol=0)
+    assert loaded(past, num_frames=4, num_inference_steps=1, generator=gen()).frames.shape[1] == 4  # a call may say
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    del index["default_num_frames"]  # as saved before it existed
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    old = MCVDPipeline.from_pretrained(tmp_path)
+    old.set_progress_bar_config(disable=True)
+    assert old(past, num_inference_steps=1, generator=gen()).frames.shape[1] == 3
+    with pytest.raises(ValueError, match="default_num_frames must be an integer >= 1 or None, got 0"):
+        MCVDPipeline(unet=tiny_pipe.unet, scheduler=tiny_pipe.scheduler, default_num_frames=0)
+
+
 def test_noise_shift_divides_every_snr_and_travels_with_the_scheduler_config():
     from mcvd_diffusers import make_noise_scheduler
 

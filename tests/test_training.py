@@ -220,6 +220,7 @@ def test_run_exports_pipeline_card_gifs_and_logs(uninterrupted):
     assert (summary["weights_step"], summary["val_loss"]) == (best["step"], best["loss"])
     pipe = MCVDPipeline.from_pretrained(out / "pipeline")
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.config.default_num_frames == 10  # pipe(past) answers the task: 10 frames, rolled out 3 at a time
     exported = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     best_ckpt = load_file(out / "checkpoints" / f"checkpoint-{best['step']}" / "ema.safetensors")
     assert all(torch.equal(exported[k], best_ckpt[k]) for k in best_ckpt)  # the best EMA weights

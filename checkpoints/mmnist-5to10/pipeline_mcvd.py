@@ -99,16 +99,23 @@ class MCVDPipeline(DiffusionPipeline):
 
     ``default_num_inference_steps`` (saved in ``model_index.json``) is the step count a call uses
     when it names none: a trained pipeline ships the count its scheduler was chosen with.
+    ``default_num_frames`` (also saved) is how many frames a call generates when it names none:
+    None is one block (``num_current_frames``); trained pipelines ship the task's 10, so that a model
+    that generates 2 frames per pass still answers ``pipe(past)`` with the next 10.
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: MCVDUNet2DModel, scheduler: SchedulerMixin, default_num_inference_steps: int = 50):
+    def __init__(self, unet: MCVDUNet2DModel, scheduler: SchedulerMixin, default_num_inference_steps: int = 50,
+                 default_num_frames: int | None = None):
         super().__init__()
         if not _is_count(default_num_inference_steps):
             raise ValueError(f"default_num_inference_steps must be an integer >= 1, got {default_num_inference_steps!r}")
+        if default_num_frames is not None and not _is_count(default_num_frames):
+            raise ValueError(f"default_num_frames must be an integer >= 1 or None, got {default_num_frames!r}")
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(default_num_inference_steps=int(default_num_inference_steps))
+        self.register_to_config(default_num_inference_steps=int(default_num_inference_steps),
+                                default_num_frames=None if default_num_frames is None else int(default_num_frames))
         self.video_processor = VideoProcessor(do_resize=False, do_normalize=True)
 
     @classmethod
@@ -262,8 +269,9 @@ class MCVDPipeline(DiffusionPipeline):
                 with P = ``unet.config.num_past_frames``. None: unconditional generation (models
                 trained with past masking).
             future_frames: (B, F, ...) like ``past_frames``, F = ``num_future_frames``: interpolation.
-            num_frames: frames to generate; default one block (``num_current_frames``). More than one
-                block rolls out autoregressively; the last block is cut to the requested count.
+            num_frames: frames to generate; default ``config.default_num_frames`` (trained pipelines: 10),
+                else one block (``num_current_frames``). More than one block rolls out autoregressively;
+                the last block is cut to the requested count.
             num_inference_steps: denoising steps per block; default ``config.default_num_inference_steps``.
             generator: one ``torch.Generator``, or one per video, for reproducible results.
             batch_size: videos to generate when ``past_frames`` is None (default 1).
@@ -271,7 +279,8 @@ class MCVDPipeline(DiffusionPipeline):
             output_type: "pt", "np" or "pil".
         """
         cfg = self.unet.config
-        num_frames = cfg.num_current_frames if num_frames is None else num_frames
+        if num_frames is None:
+            num_frames = getattr(self.config, "default_num_frames", None) or cfg.num_current_frames
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
         self.check_inputs(past_frames, future_frames, num_frames, num_inference_steps, batch_size, output_type)
