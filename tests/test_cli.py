@@ -54,6 +54,8 @@ def test_train_then_evaluate_writes_a_gif_and_metrics(tmp_path):
         (["eval_mcvd.py", "--model", "m", "--out", "x", "--num-clips", "3"], "--num-clips is spelled --num_clips"),
         (["eval_mcvd.py", "--model", "m", "--out", "x", "--no-timing"], "--no-timing is not a flag any more: use "
                                                                          "--timing false"),
+        (["eval_mcvd.py", "--model", "m", "--out", "x", "--threads", "0"], "threads must be >= 1, got 0"),
+        (["benchmarks/bench_data.py", "--preset", "tiny", "--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message):
