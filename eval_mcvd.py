@@ -14,16 +14,18 @@ interrupted evaluation skips them. Every key of mcvd_diffusers.evaluation.EvalCo
 import argparse
 import sys
 
-from mcvd_diffusers.cli import add_config_flags, coerce, given_values, refuse_other_spellings
+from mcvd_diffusers.cli import FlagParser, add_config_flags, given_values, refuse_unknown_flags
+from mcvd_diffusers.config import coerce
 from mcvd_diffusers.evaluation import REPRODUCTION_PROTOCOL, EvalConfig, evaluate
 from mcvd_diffusers.report import summary_table
+from mcvd_diffusers.run_lock import RunFolderInUse
 
 # Flags of earlier versions that are not a respelling of a key.
 RENAMED = {"--no-timing": "--timing false", "--fvd-frames": "--fvd_include_past true|false"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=["ours", "reproduction"], default="ours",
                         help="reproduction: the protocol of the reproduction we start from beside ours: "
                              f"{REPRODUCTION_PROTOCOL} unless given")
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    refuse_other_spellings(parser, argv, EvalConfig, RENAMED)
+    refuse_unknown_flags(parser, argv, EvalConfig, RENAMED)
     args = parser.parse_args(argv)
     given = given_values(args, EvalConfig)
     try:
@@ -45,6 +47,8 @@ def main(argv=None) -> None:
         record = evaluate(config)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+    except RunFolderInUse as e:  # one line, exit code 1, nothing touched
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print(f"\ninterrupted: samplers that finished are cached in {args.out}/cache; the same command resumes",
               file=sys.stderr)

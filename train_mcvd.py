@@ -15,17 +15,18 @@ set in the config file or on the command line (--max_steps 500, --mnist_root bun
 import argparse
 import sys
 
-from mcvd_diffusers.cli import add_config_flags, given_values, refuse_other_spellings
+from mcvd_diffusers.cli import FlagParser, add_config_flags, given_values, refuse_unknown_flags
 from mcvd_diffusers.config import TrainConfig, load_config_file
 from mcvd_diffusers.export import export_checkpoint
 from mcvd_diffusers.hub import HubUploadError, push_to_hub
 from mcvd_diffusers.interrupt import TrainingInterrupted
+from mcvd_diffusers.run_lock import RunFolderInUse
 from mcvd_diffusers.trainer import train
 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig keys")
     parser.add_argument("--export", metavar="CHECKPOINT", help="export a checkpoint's EMA weights as a pipeline")
     parser.add_argument("--to", metavar="FOLDER", help="where --export writes the pipeline")
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    refuse_other_spellings(parser, argv, TrainConfig)
+    refuse_unknown_flags(parser, argv, TrainConfig)
     args = parser.parse_args(argv)
     options = given_values(args, TrainConfig)
     try:
@@ -72,8 +73,8 @@ def main(argv=None) -> None:
         print("interrupted outside the training loop; its checkpoints are kept (resume with "
               "--resume_from_checkpoint latest)", file=sys.stderr)
         sys.exit(130)
-    # bad data, an incompatible resume, a run in the way, a full disk, a failed upload (the export is kept)
-    except (ValueError, FileNotFoundError, OSError, HubUploadError) as e:
+    # bad data, an incompatible resume, a run in the way or in the folder, a full disk, a failed upload
+    except (ValueError, FileNotFoundError, OSError, HubUploadError, RunFolderInUse) as e:
         sys.exit(f"error: {e}")
 
 

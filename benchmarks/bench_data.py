@@ -14,12 +14,13 @@ import torch
 from bench_train import make_step
 from common import add_threads_option, apply_threads, digits_on, environment, median_seconds, pick_device, print_table, write_json
 
+from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers import PRESETS
 from mcvd_diffusers.data.moving_mnist import MOTIONS, MovingMNIST
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 64 1024 (CPU: 16 256)")
     parser.add_argument("--num-frames", type=int, default=15)
     parser.add_argument("--motion", default="deterministic", choices=MOTIONS)

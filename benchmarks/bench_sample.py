@@ -14,6 +14,7 @@ import argparse
 import torch
 from common import add_threads_option, apply_threads, environment, median_seconds, peak_memory_gib, pick_device, print_table, reset_peak_memory, write_json
 
+from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers import PRESETS, MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers.schedulers import SamplerSpec
 from mcvd_diffusers.runtime import CHOICES_TEXT, autocast, maybe_compile, resolve_precision
@@ -44,7 +45,7 @@ def largest_batch(pipe, steps, device, precision, num_frames, repeats, max_batch
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help=f"of {sorted(PRESETS)} (ignored with --model)")
     parser.add_argument("--model", help="a saved MCVDPipeline folder")
     parser.add_argument("--samplers", nargs="+", default=["ddpm:1000", "ddim:50", "dpm++:20"])

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from common import add_threads_option, apply_threads, environment, median_seconds, print_table, score, split_past_target, write_json
 
+from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers import MCVDPipeline
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.evaluation import copy_last_frame
@@ -31,7 +32,7 @@ METRICS = ("mse", "ssim", "ssim_binarized", "lpips_alex")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a pipeline folder exported by train_mcvd.py")
     parser.add_argument("--samplers", nargs="+", default=["ddim:5", "ddim:10", "ddim:20", "ddim:50", "dpm++:10",
                                                            "dpm++:20"])

@@ -16,6 +16,7 @@ import torch
 from common import add_threads_option, apply_threads, digits_on, environment, matmul_tflops, median_seconds, pick_device, print_table, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
+from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers import PRESETS, MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
 from mcvd_diffusers.runtime import CHOICES_TEXT, autocast, maybe_compile, resolve_precision, to_channels_last
@@ -56,7 +57,7 @@ def count_step_flops(unet, scheduler, data, batch_size, device) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "fast", "paper"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
                         help=f"of {CHOICES_TEXT} (auto: bf16 where the device runs it natively, else fp32)")

@@ -36,6 +36,7 @@ import torch
 from common import environment, print_table, score, split_past_target, write_json
 from diffusers.training_utils import EMAModel
 
+from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
 from mcvd_diffusers.evaluation import copy_last_frame
@@ -192,7 +193,7 @@ def plot(path: Path, results: list[dict], baseline: dict) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--round", type=int, default=2, choices=sorted(ROUNDS), help="the round's candidates")
     parser.add_argument("--candidates", nargs="+", default=None, choices=list(CANDIDATES),
                         help="default: every candidate of --round")

@@ -7,18 +7,71 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .cli import coerce
 from .data.moving_mnist import MOTIONS
 from .lr_schedules import LR_SCHEDULES
 from .models.unet_mcvd import PRESETS, MCVDUNet2DModel
 from .runtime import CHOICES_TEXT, PRECISION_CHOICES
 from .schedulers import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, SamplerSpec, make_noise_scheduler
+
+def key(default=dataclasses.MISSING, help: str = ""):
+    """A config key: its default and its help text (the field's metadata, which the command line shows).
+    A list default is copied for every config."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def allowed_types(cls, key: str) -> tuple[object, tuple]:
+    hint = typing.get_type_hints(cls)[key]
+    return hint, (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))
+
+
+def coerce(cls, key: str, value):
+    """Checks a config value against the field's type; text (a command line) is read as YAML scalars.
+    A type with a ``parse`` classmethod (``SamplerSpec``) parses its text form."""
+    import yaml
+
+    hint, allowed = allowed_types(cls, key)
+    if type(None) in allowed and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    for t in allowed:
+        if hasattr(t, "parse") and isinstance(value, (str, t)):
+            try:
+                return t.parse(value)
+            except ValueError as e:
+                raise ValueError(f"{key} must be {getattr(t, 'FORMAT', t.__name__)} ({e})") from None
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str) \
+            and any(typing.get_origin(t) is list for t in allowed) and value[0].startswith("["):
+        value = yaml.safe_load(value[0])  # --block_out_channels "[64, 128, 128]"
+    if isinstance(value, str) and str not in allowed:
+        value = yaml.safe_load(value)
+        if isinstance(value, str) and float in allowed:  # YAML reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+    for t in allowed:
+        if typing.get_origin(t) is list:
+            (item,) = typing.get_args(t)
+            if isinstance(value, (list, tuple)):
+                items = [yaml.safe_load(v) if isinstance(v, str) and item is not str else v for v in value]
+                if all(isinstance(v, item) and not isinstance(v, bool) for v in items):
+                    return list(items)
+            continue
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    raise ValueError(f"config key {key!r} expects {hint}, got {value!r}")
+
 
 # The sampler an exported pipeline ships with unless the config names another (export_sampler), so that
 # pipe(past) samples well as it comes: on the quickstart model DDIM-50 (trailing, x0 clipped) beat
@@ -31,83 +84,89 @@ class TrainConfig:
     """Every training option. Configs are plain YAML/JSON dicts of these keys."""
 
     # model: a preset from models/unet_mcvd.py and MCVD's frame layout
-    preset: str = "tiny"
-    num_past_frames: int = 5  # conditioning frames
-    num_current_frames: int = 10  # frames predicted per denoising block
-    num_future_frames: int = 0  # > 0: future-conditioning slots (interpolation)
-    prob_mask_past: float = 0.0  # MCVD masking: > 0 also teaches unconditional generation
-    prob_mask_future: float = 0.0  # > 0 lets an interpolation model also predict
-    patch_size: int | None = None  # space-to-depth factor of the UNet's input; None: the preset's
-    block_out_channels: list[int] | None = None  # the UNet's width per level; None: the preset's
-    # x0 relative to the last past frame: the network predicts each frame's difference to it (prediction_type
-    # "sample" only); recorded in the UNet's config, so the saved model adds the frame back itself
-    residual_to_last_past: bool = False
+    preset: str = key("tiny", "the UNet's preset (models/unet_mcvd.py): tiny, cpu, fast or paper")
+    num_past_frames: int = key(5, "conditioning frames")
+    num_current_frames: int = key(10, "frames predicted per denoising block")
+    num_future_frames: int = key(0, "> 0: future-conditioning slots (interpolation)")
+    prob_mask_past: float = key(0.0, "MCVD masking: > 0 also teaches unconditional generation")
+    prob_mask_future: float = key(0.0, "> 0 lets an interpolation model also predict")
+    patch_size: int | None = key(None, "space-to-depth factor of the UNet's input; None: the preset's")
+    block_out_channels: list[int] | None = key(None, "the UNet's width per level; None: the preset's")
+    residual_to_last_past: bool = key(False,
+                                      "x0 relative to the last past frame: the network predicts each frame's "
+                                      "difference to it (prediction_type \"sample\" only); recorded in the UNet's "
+                                      "config, so the saved model adds the frame back itself")
     # data: Moving MNIST drawn fresh each step from MNIST train digits
-    mnist_root: str | None = None  # a folder, "bundled", or None ($MCVD_MNIST_DIR, else download)
-    image_size: int = 64  # frame size in pixels
-    num_digits: int = 2  # digits per clip
-    motion: str = "deterministic"  # or "stochastic" (velocity redrawn at each bounce)
+    mnist_root: str | None = key(None, "a folder, \"bundled\", or None ($MCVD_MNIST_DIR, else download)")
+    image_size: int = key(64, "frame size in pixels")
+    num_digits: int = key(2, "digits per clip")
+    motion: str = key("deterministic", "or \"stochastic\" (velocity redrawn at each bounce)")
     # diffusion
-    beta_schedule: str = "cosine"  # or "linear" (MCVD's 1e-4..0.02)
+    beta_schedule: str = key("cosine", "or \"linear\" (MCVD's 1e-4..0.02)")
     # v-prediction by default: with trailing timesteps sampling starts at t=T-1, where a cosine
     # schedule leaves SNR ~1e-9; an epsilon model's x0 estimate there is its error times ~1e4.
-    prediction_type: str = "v_prediction"  # or "epsilon" (MCVD), "sample"
-    num_train_timesteps: int = 1000  # steps of the training noise schedule
-    noise_shift: float = 1.0  # > 1 divides every step's SNR by noise_shift^2 ("simple diffusion" shift)
-    min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023; 5.0 is usual); None: off
-    # Context noise augmentation (as GameNGen trains its autoregressive model): each training clip's past
-    # frames get Gaussian noise of a std drawn uniformly from [0, this] (data in [-1, 1]), so a rollout
-    # that conditions on its own imperfect frames stays in the training distribution; 0: off
-    past_noise_augment: float = 0.0
+    prediction_type: str = key("v_prediction", "or \"epsilon\" (MCVD), \"sample\"")
+    num_train_timesteps: int = key(1000, "steps of the training noise schedule")
+    noise_shift: float = key(1.0, "> 1 divides every step's SNR by noise_shift^2 (\"simple diffusion\" shift)")
+    min_snr_gamma: float | None = key(None, "Min-SNR loss weighting (Hang et al. 2023; 5.0 is usual); None: off")
+    past_noise_augment: float = key(0.0,
+                                    "Context noise augmentation (as GameNGen trains its autoregressive model): each "
+                                    "training clip's past frames get Gaussian noise of a std drawn uniformly from [0,"
+                                    " this] (data in [-1, 1]), so a rollout that conditions on its own imperfect "
+                                    "frames stays in the training distribution; 0: off")
     # optimization
-    batch_size: int = 64  # per process and per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_steps: int = 10000  # optimizer steps
-    learning_rate: float = 2e-4  # AdamW's peak learning rate
-    grad_clip: float = 1.0  # the gradient norm is clipped to this
-    ema_decay: float = 0.999  # the ceiling; EMA warms up towards it (diffusers EMAModel, power 2/3)
-    # auto: bf16 where the hardware runs it natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX),
-    # else fp32; or "no" (= "fp32"), "bf16", "fp16" (Accelerate's; fp16 with loss scaling, CUDA only)
-    mixed_precision: str = "auto"
-    # learning-rate schedule: "warmup_plateau" (linear warm-up, then ReduceLROnPlateau on the
-    # validation loss) or a diffusers schedule: constant, constant_with_warmup, linear, cosine, ...
-    lr_scheduler: str = "warmup_plateau"
-    warmup_steps: int = 500  # linear warm-up of the learning rate
-    plateau_factor: float = 0.5  # LR multiplier at each plateau
-    plateau_patience: int = 3  # validations without improvement tolerated before a cut
-    plateau_threshold: float = 0.01  # relative improvement that counts
-    min_lr: float = 1e-6  # the plateau cuts stop here
+    batch_size: int = key(64, "per process and per micro-batch")
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
+    max_steps: int = key(10000, "optimizer steps")
+    learning_rate: float = key(2e-4, "AdamW's peak learning rate")
+    grad_clip: float = key(1.0, "the gradient norm is clipped to this")
+    ema_decay: float = key(0.999, "the ceiling; EMA warms up towards it (diffusers EMAModel, power 2/3)")
+    mixed_precision: str = key("auto",
+                               "auto: bf16 where the hardware runs it natively (a CUDA GPU that supports it, a CPU "
+                               "with AVX512-BF16 or AMX), else fp32; or \"no\" (= \"fp32\"), \"bf16\", \"fp16\" "
+                               "(Accelerate's; fp16 with loss scaling, CUDA only)")
+    lr_scheduler: str = key("warmup_plateau",
+                            "learning-rate schedule: \"warmup_plateau\" (linear warm-up, then ReduceLROnPlateau on "
+                            "the validation loss) or a diffusers schedule: constant, constant_with_warmup, linear, "
+                            "cosine, ...")
+    warmup_steps: int = key(500, "linear warm-up of the learning rate")
+    plateau_factor: float = key(0.5, "LR multiplier at each plateau")
+    plateau_patience: int = key(3, "validations without improvement tolerated before a cut")
+    plateau_threshold: float = key(0.01, "relative improvement that counts")
+    min_lr: float = key(1e-6, "the plateau cuts stop here")
     # validation: clips from MNIST validation digits, fixed noise and timesteps, EMA weights
-    validate_every: int = 500  # optimizer steps; 0: never (then the last weights are exported)
-    val_clips: int = 256  # fixed validation clips
-    val_batch_size: int = 64  # clips per validation batch
-    # validation clips (at most val_clips) whose next 10 frames are predicted (block by block, with sample_sampler)
-    # and scored (MSE, SSIM) at each validation, so that models of any block size are compared on the task; 0: off
-    val_rollout_clips: int = 32
+    validate_every: int = key(500, "optimizer steps; 0: never (then the last weights are exported)")
+    val_clips: int = key(256, "fixed validation clips")
+    val_batch_size: int = key(64, "clips per validation batch")
+    val_rollout_clips: int = key(32,
+                                 "validation clips (at most val_clips) whose next 10 frames are predicted (block by "
+                                 "block, with sample_sampler) and scored (MSE, SSIM) at each validation, so that "
+                                 "models of any block size are compared on the task; 0: off")
     # prediction GIFs on fixed validation clips
-    sample_every: int = 1000  # 0: never
-    sample_clips: int = 4  # validation clips shown in each GIF
-    sample_sampler: SamplerSpec = EXPORT_SAMPLER  # NAME:STEPS, a sampler of mcvd_diffusers.SAMPLERS
-    # the sampler exported pipelines ship with: their scheduler, and STEPS as their default step count
-    export_sampler: SamplerSpec = EXPORT_SAMPLER
+    sample_every: int = key(1000, "0: never")
+    sample_clips: int = key(4, "validation clips shown in each GIF")
+    sample_sampler: SamplerSpec = key(EXPORT_SAMPLER, "NAME:STEPS, a sampler of mcvd_diffusers.SAMPLERS")
+    export_sampler: SamplerSpec = key(EXPORT_SAMPLER,
+                                      "the sampler exported pipelines ship with: their scheduler, and STEPS as their "
+                                      "default step count")
     # fast paths (mcvd_diffusers/runtime.py), off by default
-    channels_last: bool = False  # NHWC convolutions
-    compile: bool = False  # torch.compile the UNet; falls back to eager with a warning where unsupported
-    fused_adamw: bool = False  # one fused AdamW kernel instead of a loop over parameters
-    seed: int = 0  # weights, and (with the process index) each process's data and noise
+    channels_last: bool = key(False, "NHWC convolutions")
+    compile: bool = key(False, "torch.compile the UNet; falls back to eager with a warning where unsupported")
+    fused_adamw: bool = key(False, "one fused AdamW kernel instead of a loop over parameters")
+    seed: int = key(0, "weights, and (with the process index) each process's data and noise")
     # checkpoints
-    checkpoint_every: int = 1000  # optimizer steps, and always at the end; 0: only at the end
-    checkpoints_total_limit: int | None = 3  # keep the newest N; None: keep all
-    resume_from_checkpoint: str | None = None  # "latest" (or a fresh start when there is none) or a folder
+    checkpoint_every: int = key(1000, "optimizer steps, and always at the end; 0: only at the end")
+    checkpoints_total_limit: int | None = key(3, "keep the newest N; None: keep all")
+    resume_from_checkpoint: str | None = key(None, "\"latest\" (or a fresh start when there is none) or a folder")
     # output and logging
-    output_dir: str = "runs/mcvd"
-    overwrite: bool = False  # replace an output_dir that holds another run
-    log_every: int = 50  # optimizer steps between logged losses
-    report_to: str = "tensorboard"  # or "none"
-    # Hugging Face Hub: upload the exported pipeline and its card at the end
-    push_to_hub: bool = False
-    hub_model_id: str | None = None  # "user/name"
-    hub_private: bool = False  # create the Hub repo private
+    output_dir: str = key("runs/mcvd", "the run folder: checkpoints, best/, pipeline/, samples/, logs/")
+    overwrite: bool = key(False, "replace an output_dir that holds another run")
+    log_every: int = key(50, "optimizer steps between logged losses")
+    report_to: str = key("tensorboard", "or \"none\"")
+    # Hugging Face Hub
+    push_to_hub: bool = key(False, "upload the exported pipeline and its card to hub_model_id at the end")
+    hub_model_id: str | None = key(None, "the Hub repo to push to, \"user/name\"")
+    hub_private: bool = key(False, "create the Hub repo private")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -18,13 +18,14 @@ import os
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import key
 from .data.moving_mnist import clip_layout, clips_to_video, load_mnist_test_seq, load_test_set
 from .digit_classifier import DigitIdentity
 from .fvd import POOLINGS, fvd_from_features, i3d_features
@@ -33,6 +34,7 @@ from .integrity import sha256_file
 from .metrics import DIGIT_ACC, METRICS, FrameMetrics, aggregate
 from .models.i3d import I3D, load_i3d, resolve_weights
 from .pipeline_mcvd import MCVDPipeline
+from .run_lock import hold_run_folder
 from .report import GROUND_TRUTH, clear_outputs, make_record, update_model_card, write_outputs
 from .runtime import (autocast, describe_precision, device_name, machine_state, maybe_compile, precision_info,
                       resolve_device, synchronize)
@@ -45,35 +47,38 @@ GIF_SAMPLES = 2  # samples per sampler shown in the GIF grid
 
 @dataclass
 class EvalConfig:
-    model: str  # a saved MCVDPipeline folder or a Hub repo id
-    out: str  # the results folder
-    # NAME:STEPS (mcvd_diffusers.SAMPLERS), or "shipped": the model's own sampler at its default step count
-    samplers: list[str] = field(default_factory=lambda: ["ddpm:1000", "ddim:50", "dpm++:20"])
-    num_clips: int = 256  # the first N clips of the test set
-    samples_per_clip: int = 10  # k, for mean-of-k and best-of-k
-    num_frames: int = 10  # frames predicted after the model's past frames
-    test_set: str = "generated"  # the fixed generated test set, or "official" (mnist_test_seq.npy)
-    test_file: str | None = None  # path of mnist_test_seq.npy for test_set="official", or "download"
-    mnist_root: str | None = None  # MNIST for the generated test set (a folder, "bundled", or None)
-    batch_size: int = 64  # videos sampled at once
-    seed: int = 0  # of the sampling noise (one generator per video)
-    device: str | None = None  # cpu, cuda or cuda:N; default: cuda if available, else cpu
-    gif_clips: int = 4  # clips shown in predictions.gif
-    timing: bool = True  # also time batch-1 latency (median of 5 calls after a warm-up, with its spread)
-    threads: int | None = None  # CPU threads torch uses (torch.set_num_threads); default: torch's (the cores)
-    # the UNet's forward under autocast: "fp32", "bf16", "fp16", or "auto" (bf16 where the hardware runs it natively)
-    precision: str = "fp32"
-    compile: bool = False  # torch.compile the UNet (falls back to eager with a warning)
-    update_model_card: bool = False  # write the summary table into the model folder's README.md
+    model: str = key(help="a saved MCVDPipeline folder or a Hub repo id")
+    out: str = key(help="the results folder")
+    samplers: list[str] = key(["ddpm:1000", "ddim:50", "dpm++:20"],
+                              "NAME:STEPS (mcvd_diffusers.SAMPLERS), or \"shipped\": the model's own sampler at its "
+                              "default step count")
+    num_clips: int = key(256, "the first N clips of the test set")
+    samples_per_clip: int = key(10, "k, for mean-of-k and best-of-k")
+    num_frames: int = key(10, "frames predicted after the model's past frames")
+    test_set: str = key("generated", "the fixed generated test set, or \"official\" (mnist_test_seq.npy)")
+    test_file: str | None = key(None, "path of mnist_test_seq.npy for test_set=\"official\", or \"download\"")
+    mnist_root: str | None = key(None, "MNIST for the generated test set (a folder, \"bundled\", or None)")
+    batch_size: int = key(64, "videos sampled at once")
+    seed: int = key(0, "of the sampling noise (one generator per video)")
+    device: str | None = key(None, "cpu, cuda or cuda:N; default: cuda if available, else cpu")
+    gif_clips: int = key(4, "clips shown in predictions.gif")
+    timing: bool = key(True, "also time batch-1 latency (median of 5 calls after a warm-up, with its spread)")
+    threads: int | None = key(None, "CPU threads torch uses (torch.set_num_threads); default: torch's (the cores)")
+    precision: str = key("fp32",
+                         "the UNet's forward under autocast: \"fp32\", \"bf16\", \"fp16\", or \"auto\" (bf16 where "
+                         "the hardware runs it natively)")
+    compile: bool = key(False, "torch.compile the UNet (falls back to eager with a warning)")
+    update_model_card: bool = key(False, "write the summary table into the model folder's README.md")
     # The reproduction's contrast stretch: each sampler's predictions are also scored after (x - 0.2) / 0.6,
     # clipped to [0, 1], in a row of their own ("NAME:STEPS + stretch"), to show what the stretch is worth.
-    stretch: bool = False  # also score every sampler after the reproduction's contrast stretch
+    stretch: bool = key(False, "also score every sampler after the reproduction's contrast stretch")
     # FVD (mcvd_diffusers/fvd.py): a column per row, from I3D features of every predicted video
-    fvd: bool = False  # add an FVD column (needs the I3D weights; see README)
-    fvd_weights: str | None = None  # I3D weights file (else $MCVD_I3D_WEIGHTS, else the torch hub cache)
-    fvd_include_past: bool = True  # the videos compared are past + predicted frames (MCVD's FVD), else predicted
-    fvd_pooling: str = "all"  # "all": the k x N samples as one set; "per_sample": one FVD per sample index, averaged
-    fvd_size: int = 224  # the frame size I3D sees; 224 is standard FVD, smaller values are for tests only
+    fvd: bool = key(False, "add an FVD column (needs the I3D weights; see README)")
+    fvd_weights: str | None = key(None, "I3D weights file (else $MCVD_I3D_WEIGHTS, else the torch hub cache)")
+    fvd_include_past: bool = key(True, "the videos compared are past + predicted frames (MCVD's FVD), else predicted")
+    fvd_pooling: str = key("all",
+                           "\"all\": the k x N samples as one set; \"per_sample\": one FVD per sample index, averaged")
+    fvd_size: int = key(224, "the frame size I3D sees; 224 is standard FVD, smaller values are for tests only")
 
 
 def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -288,6 +293,11 @@ def _load_cache(path: Path, key: str, metrics: tuple[str, ...] = ()) -> dict | N
 def evaluate(config: EvalConfig) -> dict:
     """Runs the protocol and writes every output into ``config.out``; returns what metrics.json holds."""
     requested = _validate(config)  # names and numbers first, then files: all before any sampling
+    with hold_run_folder(config.out, "eval_mcvd.py"):  # a second evaluation into the same folder is refused
+        return _evaluate(config, requested)
+
+
+def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     machine = machine_state()  # before any work: how busy the machine was when the evaluation started
@@ -303,6 +313,7 @@ def evaluate(config: EvalConfig) -> dict:
         raise ValueError(f"--samplers {SHIPPED}: {config.model} ships with {type(pipe.scheduler).__name__}, which is "
                          f"none of the named samplers {sorted(SAMPLERS)}; name the sampler instead")
     samplers = list(dict.fromkeys(SamplerSpec.parse(shipped) if spec is None else spec for spec in requested))
+    tqdm.write(f"loading {config.num_clips} clips of the {config.test_set} test set")
     clips, test_info, layout = load_test_clips(config, with_layout=True)
     unet_cfg = pipe.unet.config
     num_past = unet_cfg.num_past_frames
@@ -338,20 +349,28 @@ def evaluate(config: EvalConfig) -> dict:
     clear_outputs(out)  # an earlier run's results must not look like this run's if it is interrupted
 
     rows: dict[str, dict] = {}
-    for label, prediction in ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames))):
+    baselines = ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames)))
+    # scoring the baselines takes minutes on 256 clips (LPIPS-VGG, digit identity): shown, not silent
+    baseline_progress = tqdm(total=len(baselines) * len(future), desc="score baselines", unit="video")
+    for label, prediction in baselines:
+        baseline_progress.set_postfix(row=label)
+        parts, digit_parts = [], []
         # in batches, like the samplers: LPIPS-VGG on every frame of 256 clips at once needs over 20 GiB
-        parts = [frame_metrics(prediction[i : i + config.batch_size], future[i : i + config.batch_size])
-                 for i in range(0, len(future), config.batch_size)]
+        for i in range(0, len(future), config.batch_size):
+            batch = slice(i, i + config.batch_size)
+            parts.append(frame_metrics(prediction[batch], future[batch]))
+            if digits is not None:
+                digit_parts.append(digits(prediction[batch], batch))
+            baseline_progress.update(len(future[batch]))
         per_frame = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         if digits is not None:
-            per_frame[DIGIT_ACC] = torch.cat([digits(prediction[i : i + config.batch_size],
-                                                     slice(i, i + config.batch_size))
-                                              for i in range(0, len(future), config.batch_size)])
+            per_frame[DIGIT_ACC] = torch.cat(digit_parts)
         rows[label] = {"kind": "baseline", "samples_per_clip": 1,
                        "per_frame": {k: v[:, None] for k, v in per_frame.items()}, "timing": {}}
         if i3d is not None:
             rows[label]["fvd"] = fvd_from_features(video_features(i3d, past, prediction, config)[:, None],
                                                    real_features, config.fvd_pooling)
+    baseline_progress.close()
     gifs = {}
     total = len(samplers) * len(past) * config.samples_per_clip
     trained_config = pipe.scheduler.config  # every sampler is built from the pipeline's own scheduler config

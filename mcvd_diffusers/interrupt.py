@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 
-import torch
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -59,8 +58,10 @@ class StopOnSignal:
         self._previous.clear()
 
     def requested(self, accelerator) -> int:
-        """The signal number if any process received one (all processes agree), else 0."""
-        if accelerator.num_processes == 1:
-            return self.signum
-        flag = torch.tensor(self.signum, device=accelerator.device)
-        return int(accelerator.reduce(flag, "max").item())
+        """The signal number if any process received one (all processes agree, through Accelerate's
+        trigger), else 0; a process that did not receive it reports SIGTERM."""
+        if self.signum:
+            accelerator.set_trigger()
+        if accelerator.check_trigger():
+            return self.signum or int(signal.SIGTERM)
+        return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from diffusers.video_processor import VideoProcessor
 
 from .models.unet_mcvd import MCVDUNet2DModel
@@ -29,8 +31,7 @@ def prediction_target(scheduler: DDPMScheduler, current: torch.Tensor, noise: to
 
 def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma weights (Hang et al. 2023) expressed for the scheduler's prediction target."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(t.device)[t]
-    snr = alphas_cumprod / (1 - alphas_cumprod)
+    snr = compute_snr(scheduler, t)
     clipped = snr.clamp(max=gamma)
     if scheduler.config.prediction_type == "epsilon":
         return clipped / snr
@@ -41,7 +42,7 @@ def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> 
 
 def _unwrapped(unet) -> MCVDUNet2DModel:
     # The frame layout lives on the model; a DistributedDataParallel wrapper only runs its forward.
-    return unet.module if isinstance(unet, torch.nn.parallel.DistributedDataParallel) else unet
+    return extract_model_from_parallel(unet)
 
 
 def denoising_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.Tensor, noise: torch.Tensor,

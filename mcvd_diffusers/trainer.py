@@ -5,6 +5,10 @@ applies MCVD's masking (losses.py); the EMA weights are validated on fixed clips
 validation digits (validation.py), checkpointed atomically for an exact resume
 (checkpointing.py), and exported with the best validation loss (export.py).
 
+``train`` holds the run folder; ``_setup`` builds a ``Run`` (model, data, optimizer, EMA, restored
+from a checkpoint); ``_train`` is the loop, top to bottom: optimizer step, log, validate, sample,
+checkpoint, stop on a signal; ``_finish`` exports, writes the summary and uploads.
+
 Run folder (``output_dir``)::
 
     checkpoints/checkpoint-<step>/   Accelerate state + EMA + generators + trainer_state.json
@@ -17,11 +21,14 @@ Run folder (``output_dir``)::
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +48,7 @@ from .interrupt import StopOnSignal, TrainingInterrupted
 from .losses import diffusion_loss
 from .lr_schedules import make_lr_schedule
 from .models.unet_mcvd import MCVDUNet2DModel
+from .run_lock import hold_run_folder
 from .runtime import describe_precision, maybe_compile, precision_info, to_channels_last
 from .validation import ValidationSet, can_roll_out, write_sample_gif
 
@@ -49,13 +57,94 @@ RUN_MARKER = ".mcvd-run"  # written into every output_dir this project's trainin
 
 def train(config: TrainConfig, command: str | None = None) -> Path:
     """Trains (or resumes) a run and returns the folder of the exported pipeline (EMA weights).
-    ``command``: the command line that started it, recorded in the model card (train_mcvd.py passes it)."""
+    ``command``: the command line that started it, recorded in the model card (train_mcvd.py passes it).
+    The main process holds ``output_dir`` throughout: a second run there is refused (RunFolderInUse)."""
+    is_main = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process  # as _make_accelerator
+    with hold_run_folder(config.output_dir, "train_mcvd.py", is_main):
+        return _train(config, command)
+
+
+@dataclass
+class Run:
+    """What one training run works with: built by ``_setup``, advanced by the loop in ``_train``."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    precision: dict
+    unet: torch.nn.Module  # as Accelerate prepared it (DDP-wrapped with several processes)
+    model: MCVDUNet2DModel  # the same weights, unwrapped
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    scheduler: object  # the noise scheduler
+    data: MovingMNIST
+    validation: ValidationSet
+    generator: torch.Generator
+    data_source: str
+    train_fingerprint: str
+    history: dict
+    step: int
+    seconds_before: float  # training time of earlier starts of the run
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+def _train(config: TrainConfig, command: str | None) -> Path:
+    run = _setup(config, command)
+    accelerator, is_main = run.accelerator, run.accelerator.is_main_process
+    progress = tqdm(total=config.max_steps, initial=run.step, desc="train", disable=not is_main)
+    meter = LossMeter(run)
+    with StopOnSignal() as stop:  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, stop
+        while run.step < config.max_steps:
+            run.unet.train()
+            for _ in range(config.gradient_accumulation_steps):
+                with accelerator.accumulate(run.unet):
+                    clip = run.data.sample(config.batch_size, run.generator)
+                    with accelerator.autocast():
+                        loss = diffusion_loss(run.unet, run.scheduler, clip, run.generator, config.min_snr_gamma,
+                                              config.past_noise_augment)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        meter.grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.grad_clip)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                meter.add(loss)
+            run.lr_schedule.step()
+            run.ema.step(run.model.parameters())
+            run.step += 1
+            progress.update()
+            last = run.step == config.max_steps
+            validate = config.validate_every > 0 and (run.step % config.validate_every == 0 or last)
+            checkpoint = (config.checkpoint_every > 0 and run.step % config.checkpoint_every == 0) or last
+            if run.step % config.log_every == 0 or validate or checkpoint:
+                meter.log(progress)  # stops on a NaN loss before anything is validated or saved
+            if validate:
+                _validate(run, progress)
+            if is_main and config.sample_every > 0 and (run.step % config.sample_every == 0 or last):
+                with ema_weights(run):
+                    write_sample_gif(run.model, run.scheduler, run.validation, config,
+                                     run.out / "samples" / f"step-{run.step:07d}.gif")
+            signum = stop.requested(accelerator)
+            if checkpoint or signum:
+                saved = _save_checkpoint(run)
+            if signum:
+                progress.close()
+                accelerator.end_training()  # flushes the logs
+                raise TrainingInterrupted(signum, run.step, saved)
+    progress.close()
+    return _finish(run)
+
+
+def _setup(config: TrainConfig, command: str | None) -> Run:
+    """The accelerator, the run folder, the model, its data, optimizer and EMA, restored from the checkpoint
+    to resume, if any."""
     accelerator, precision = _make_accelerator(config)
     accelerator.print(describe_precision(precision))
-    out, device, is_main = Path(config.output_dir), accelerator.device, accelerator.is_main_process
-    checkpoints_dir = out / "checkpoints"
-    resume = _prepare_output_dir(config, accelerator, out, precision["resolved"])
-
+    device = accelerator.device
+    resume = _prepare_output_dir(config, accelerator, Path(config.output_dir), precision["resolved"])
     set_seed(config.seed)
     unet = build_unet(config)
     parameter_names = [name for name, _ in unet.named_parameters()]
@@ -72,7 +161,6 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     accelerator.print(f"data: {train_digits.source}; validation: {len(validation)} clips of MNIST validation digits")
     accelerator.print(f"model: preset {config.preset}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
                       f"parameters; {accelerator.num_processes} process(es) on {device}")
-
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3,
                    model_cls=MCVDUNet2DModel, model_config=unet.config)
     if config.channels_last:
@@ -99,117 +187,109 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
         accelerator.init_trackers("logs", config=_hparams(config))
     if config.compile:
         _compile(model, unet, scheduler, data, optimizer, accelerator, config)
-
-    def with_ema_weights(fn):
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        try:
-            return fn()
-        finally:
-            ema.restore(model.parameters())
-
-    def info(weights_step: int, val_loss: float | None) -> dict:
-        history["train_seconds"] = seconds_before + time.perf_counter() - started
-        return training_info(config, train_digits.source, step, accelerator.num_processes, history, weights_step,
-                             val_loss)
-
-    def save() -> Path:
-        history["train_seconds"] = seconds_before + time.perf_counter() - started
-        ema_counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        trainer_state = {"config": config.to_dict(), "data_source": train_digits.source,
-                         "train_digits": train_fingerprint, "lr_schedule": lr_schedule.state_dict(),
-                         "history": history, "ema": ema_counters}
-        return save_checkpoint(accelerator, checkpoints_dir, step, trainer_state, config.checkpoints_total_limit)
-
-    samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    progress = tqdm(total=config.max_steps, initial=step, desc="train", disable=not is_main)
-    running, micro_batches, grad_norm = torch.zeros((), device=device), 0, None
-    logged_step, logged_time = step, time.perf_counter()
     # wall time and commands over every start of the run (resumes add theirs), for the model card
-    seconds_before = history.get("train_seconds") or 0.0
     history["commands"] = history.get("commands", []) + ([command] if command else [])
     history["precision"] = precision  # this start's (a resume on other hardware may resolve auto otherwise)
-    started = time.perf_counter()
-    with StopOnSignal() as stop:  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, stop
-        while step < config.max_steps:
-            unet.train()
-            for _ in range(config.gradient_accumulation_steps):
-                with accelerator.accumulate(unet):
-                    clip = data.sample(config.batch_size, generator)
-                    with accelerator.autocast():
-                        loss = diffusion_loss(unet, scheduler, clip, generator, config.min_snr_gamma,
-                                              config.past_noise_augment)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                running += loss.detach()
-                micro_batches += 1
-            lr_schedule.step()
-            ema.step(model.parameters())
-            step += 1
-            progress.update()
-            last = step == config.max_steps
-            validate = config.validate_every > 0 and (step % config.validate_every == 0 or last)
-            checkpoint = (config.checkpoint_every > 0 and step % config.checkpoint_every == 0) or last
+    return Run(config, accelerator, precision, unet, model, ema, optimizer, lr_schedule, scheduler, data, validation,
+               generator, train_digits.source, train_fingerprint, history, step, history.get("train_seconds") or 0.0)
 
-            if step % config.log_every == 0 or validate or checkpoint:
-                # Checked before anything is validated or saved: NaN weights never reach a checkpoint.
-                mean_loss = accelerator.reduce(running, "mean").item() / micro_batches
-                _stop_if_not_finite(mean_loss, logged_step, step, checkpoints_dir)
-                now = time.perf_counter()
-                history["train_loss"] = mean_loss
-                logs = {"train/loss": mean_loss, "train/lr": lr_schedule.get_last_lr()[0],
-                        "train/grad_norm": float(grad_norm), "train/samples_per_second":
-                        (step - logged_step) * samples_per_step / (now - logged_time)}
-                accelerator.log(logs, step=step)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}")
-                running, micro_batches, logged_step, logged_time = torch.zeros((), device=device), 0, step, now
-            if validate:
-                progress.set_description(f"validating step {step}")  # the bar may already stand at 100%
-                val_loss = with_ema_weights(
-                    lambda: validation.loss(model, scheduler, accelerator, config.val_batch_size))
-                cut = lr_schedule.report(val_loss)
-                rollout = {}
-                if config.val_rollout_clips > 0 and can_roll_out(model):  # the same clips on every process
-                    rollout = with_ema_weights(lambda: validation.rollout_scores(
-                        model, scheduler, config.sample_sampler, config.val_rollout_clips))
-                history["validations"].append({"step": step, "loss": val_loss, **{f"rollout_{k}": v
-                                                                                   for k, v in rollout.items()}})
-                accelerator.log({"val/loss": val_loss, **{f"val/rollout_{k}": v for k, v in rollout.items()}}, step=step)
-                if is_main:
-                    tqdm.write(f"step {step}: validation loss {val_loss:.5f}" + (", learning rate cut" if cut else "")
-                               + "".join(f", 10-frame rollout {k} {v:.4f}" for k, v in rollout.items()
-                                         if k in ("mse", "ssim", "ssim_f10")))
-                if history["best"] is None or val_loss < history["best"]["loss"]:
-                    history["best"] = {"step": step, "loss": val_loss}
-                    if is_main:
-                        with_ema_weights(lambda: save_pipeline(model, scheduler, out / "best", info(step, val_loss),
-                                                               config.export_sampler))
-            if is_main and config.sample_every > 0 and (step % config.sample_every == 0 or last):
-                gif = out / "samples" / f"step-{step:07d}.gif"
-                with_ema_weights(lambda: write_sample_gif(model, scheduler, validation, config, gif))
-            if validate:
-                progress.set_description("train")
-            signum = stop.requested(accelerator)
-            if checkpoint or signum:
-                saved = save()
-            if signum:
-                progress.close()
-                accelerator.end_training()  # flushes the logs
-                raise TrainingInterrupted(signum, step, saved)
-    progress.close()
 
+class LossMeter:
+    """The mean training loss since the last log, with the step rate and the last gradient norm."""
+
+    def __init__(self, run: Run):
+        self.run, self.grad_norm = run, None
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.total = torch.zeros((), device=self.run.accelerator.device)
+        self.micro_batches, self.since_step, self.since = 0, self.run.step, now
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach()
+        self.micro_batches += 1
+
+    def log(self, progress) -> None:
+        run, now = self.run, time.perf_counter()
+        mean = run.accelerator.reduce(self.total, "mean").item() / self.micro_batches
+        _stop_if_not_finite(mean, self.since_step, run.step, run.out / "checkpoints")
+        run.history["train_loss"] = mean
+        samples = (run.step - self.since_step) * run.config.batch_size * run.config.gradient_accumulation_steps
+        logs = {"train/loss": mean, "train/lr": run.lr_schedule.get_last_lr()[0],
+                "train/grad_norm": float(self.grad_norm),
+                "train/samples_per_second": samples * run.accelerator.num_processes / (now - self.since)}
+        run.accelerator.log(logs, step=run.step)
+        progress.set_postfix(loss=f"{mean:.4f}", lr=f"{logs['train/lr']:.2e}")
+        self._reset(now)
+
+
+@contextlib.contextmanager
+def ema_weights(run: Run):
+    """The model holds the EMA weights inside the block, its training weights again after it."""
+    run.ema.store(run.model.parameters())
+    run.ema.copy_to(run.model.parameters())
+    try:
+        yield
+    finally:
+        run.ema.restore(run.model.parameters())
+
+
+def _info(run: Run, weights_step: int, val_loss: float | None) -> dict:
+    """training_info.json of an export of the run now (the weights of ``weights_step``)."""
+    run.history["train_seconds"] = run.seconds_before + time.perf_counter() - run.started
+    return training_info(run.config, run.data_source, run.step, run.accelerator.num_processes, run.history,
+                         weights_step, val_loss)
+
+
+def _save_checkpoint(run: Run) -> Path:
+    run.history["train_seconds"] = run.seconds_before + time.perf_counter() - run.started
+    ema_counters = {k: v for k, v in run.ema.state_dict().items() if k != "shadow_params"}
+    trainer_state = {"config": run.config.to_dict(), "data_source": run.data_source,
+                     "train_digits": run.train_fingerprint, "lr_schedule": run.lr_schedule.state_dict(),
+                     "history": run.history, "ema": ema_counters}
+    return save_checkpoint(run.accelerator, run.out / "checkpoints", run.step, trainer_state,
+                           run.config.checkpoints_total_limit)
+
+
+def _validate(run: Run, progress) -> None:
+    """The validation loss (and 10-frame rollout scores) of the EMA weights; the best so far is exported."""
+    config, accelerator, is_main = run.config, run.accelerator, run.accelerator.is_main_process
+    progress.set_description(f"validating step {run.step}")  # the bar may already stand at 100%
+    with ema_weights(run):
+        val_loss = run.validation.loss(run.model, run.scheduler, accelerator, config.val_batch_size)
+    cut = run.lr_schedule.report(val_loss)
+    rollout = {}
+    if config.val_rollout_clips > 0 and can_roll_out(run.model):  # the same clips on every process
+        with ema_weights(run):
+            rollout = run.validation.rollout_scores(run.model, run.scheduler, config.sample_sampler,
+                                                    config.val_rollout_clips)
+    run.history["validations"].append({"step": run.step, "loss": val_loss,
+                                       **{f"rollout_{k}": v for k, v in rollout.items()}})
+    accelerator.log({"val/loss": val_loss, **{f"val/rollout_{k}": v for k, v in rollout.items()}}, step=run.step)
     if is_main:
+        tqdm.write(f"step {run.step}: validation loss {val_loss:.5f}" + (", learning rate cut" if cut else "")
+                   + "".join(f", 10-frame rollout {k} {v:.4f}" for k, v in rollout.items()
+                             if k in ("mse", "ssim", "ssim_f10")))
+    if run.history["best"] is None or val_loss < run.history["best"]["loss"]:
+        run.history["best"] = {"step": run.step, "loss": val_loss}
+        if is_main:
+            with ema_weights(run):
+                save_pipeline(run.model, run.scheduler, run.out / "best", _info(run, run.step, val_loss),
+                              config.export_sampler)
+    progress.set_description("train")
+
+
+def _finish(run: Run) -> Path:
+    """The export (best validation step's EMA weights), train_summary.json and the Hub upload."""
+    config, accelerator, out = run.config, run.accelerator, run.out
+    if accelerator.is_main_process:
         accelerator.print(f"exporting the pipeline to {out / 'pipeline'} (with its model card)")
-        pipeline_dir = _export_run(config, history, info, lambda target, step_info: with_ema_weights(
-            lambda: save_pipeline(model, scheduler, target, step_info, config.export_sampler)), step)
-        best = history["best"]
-        summary = {**info(best["step"] if best else step, best["loss"] if best else None),
-                   "validations": history["validations"], "seconds": time.perf_counter() - started,
-                   "device": str(device), "data_seeds": [_rank_seed(config.seed, r)
-                                                          for r in range(accelerator.num_processes)]}
+        pipeline_dir = _export_run(run)
+        best = run.history["best"]
+        summary = {**_info(run, best["step"] if best else run.step, best["loss"] if best else None),
+                   "validations": run.history["validations"], "seconds": time.perf_counter() - run.started,
+                   "device": str(accelerator.device), "data_seeds": [_rank_seed(config.seed, r)
+                                                                     for r in range(accelerator.num_processes)]}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"saved the pipeline (EMA weights of step {summary['weights_step']}) to {pipeline_dir}")
         if config.push_to_hub:
@@ -219,20 +299,21 @@ def train(config: TrainConfig, command: str | None = None) -> Path:
     return out / "pipeline"
 
 
-def _export_run(config: TrainConfig, history: dict, info, save_current, step: int) -> Path:
+def _export_run(run: Run) -> Path:
     """The run's pipeline/: the best validation step's export with a card of the whole run, or (without
     validation) the current EMA weights."""
-    out = Path(config.output_dir)
-    pipeline_dir, best = out / "pipeline", history["best"]
+    out, config = run.out, run.config
+    pipeline_dir, best = out / "pipeline", run.history["best"]
     if best is not None and (out / "best").is_dir():
         tmp = out / ".pipeline.copy"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(out / "best", tmp)
         write_model_card(tmp, {**json.loads((tmp / "training_info.json").read_text()),
-                               **info(best["step"], best["loss"])}, config.hub_model_id or str(pipeline_dir))
+                               **_info(run, best["step"], best["loss"])}, config.hub_model_id or str(pipeline_dir))
         replace_dir(tmp, pipeline_dir)
     else:
-        save_current(pipeline_dir, info(step, None))
+        with ema_weights(run):
+            save_pipeline(run.model, run.scheduler, pipeline_dir, _info(run, run.step, None), config.export_sampler)
     return pipeline_dir
 
 

@@ -10,6 +10,7 @@ import gzip
 import struct
 from pathlib import Path
 
+from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers.data.mnist import IDX_FILES, bundled_mnist_dir, load_mnist, read_idx
 
 
@@ -21,7 +22,7 @@ def write_idx_gz(path: Path, array) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mnist_dir")
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--test", type=int, default=500)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers import MCVDPipeline  # noqa: E402
 from mcvd_diffusers.checkpointing import STATE_FILE, list_checkpoints, verify_checkpoint  # noqa: E402
 from mcvd_diffusers.export import export_checkpoint  # noqa: E402
@@ -198,7 +199,7 @@ def probe_bad_values() -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=12)
     parser.add_argument("--out", default="runs/probe")
     parser.add_argument("--seed", type=int, default=0)

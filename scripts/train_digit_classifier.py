@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers.data.mnist import load_mnist  # noqa: E402
 from mcvd_diffusers.digit_classifier import ASSETS, DIGIT_SIZE, DigitClassifier, weights_sha256  # noqa: E402
 
@@ -96,7 +97,7 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist_root", default=None, help="MNIST folder (default: the project's resolution order)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=128)

@@ -28,8 +28,13 @@ def test_config_records_the_frame_layout():
 def test_forward_returns_the_current_frames_only():
     unet = small()
     x, past = torch.randn(4, 3, 1, 32, 32), torch.randn(4, 2, 1, 32, 32)
-    out = unet(x, torch.tensor([1, 10, 100, 999]), past_frames=past).sample
+    with torch.no_grad():
+        out = unet(x, torch.tensor([1, 10, 100, 999]), past_frames=past).sample
+        alone = unet(x[2:3], torch.tensor([100]), past_frames=past[2:3]).sample
+        later = unet(x, torch.tensor([999, 999, 999, 999]), past_frames=past).sample
     assert out.shape == x.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out[2:3], alone, rtol=0, atol=1e-5)  # each video from its own inputs only
+    assert (later[0] - out[0]).abs().max() > 1e-3 and torch.equal(later[3], out[3])  # each its own timestep
 
 
 def test_masked_block_is_zeros_and_past_is_used():

@@ -30,13 +30,15 @@ def test_any_diffusers_scheduler_and_every_output_type(tiny_pipe, past, schedule
     tiny_pipe.scheduler = scheduler_cls.from_config(tiny_pipe.scheduler.config)
     pt = tiny_pipe(past, num_inference_steps=4, generator=gen()).frames
     assert isinstance(pt, torch.Tensor) and pt.shape == (2, 3, 1, 32, 32)
-    assert pt.min() >= 0 and pt.max() <= 1 and pt.std() > 0
+    assert pt.std() > 0.01  # not a constant video
     np_frames = tiny_pipe(past, num_inference_steps=4, generator=gen(), output_type="np").frames
     assert isinstance(np_frames, np.ndarray) and np_frames.shape == (2, 3, 32, 32, 1)
     np.testing.assert_allclose(np_frames, pt.permute(0, 1, 3, 4, 2).numpy(), atol=1e-6)
     pil = tiny_pipe(past, num_inference_steps=4, generator=gen(), output_type="pil").frames
     assert len(pil) == 2 and len(pil[0]) == 3 and isinstance(pil[0][0], PIL.Image.Image)
     assert pil[0][0].size == (32, 32)
+    pixels = torch.from_numpy(np.asarray(pil[1][2])).float()  # the same frame as 8-bit grey
+    assert (pixels - pt[1, 2, 0] * 255).abs().max() <= 1
 
 
 def test_ddim_eta_is_passed_to_the_scheduler(tiny_pipe, past):
@@ -127,8 +129,18 @@ def test_interpolation_uses_future_frames():
         (torch.rand(1, 2, 32, 32) * 255, {}, r"must lie in \[0, 1\]"),
         (torch.rand(1, 2, 32, 32) - 0.5, {}, r"must lie in \[0, 1\]"),
         (torch.zeros(1, 2, 32, 32, dtype=torch.int32), {}, "uint8 .* or float"),
-        ([[0.5]], {}, "torch.Tensor or numpy array"),
-        (torch.rand(2, 2, 32, 32), {"generator": [torch.Generator()]}, "1 generators for a batch of 2"),
+        ("frames.npy", {}, "torch.Tensor or numpy array"),
+        ([[0.5]], {}, "each video of a list must be a tensor, a numpy array or a list of PIL images, got list"),
+        ([torch.rand(2, 32, 32), torch.rand(2, 16, 16)], {}, r"must share one shape and dtype, got \(2, 16, 16\)"),
+        ([], {}, "past_frames is an empty list"),
+        (torch.rand(2, 2, 32, 32), {"generator": [torch.Generator()]}, "1 generators for 2 videos"),
+        (torch.rand(1, 2, 32, 32), {"num_videos_per_prompt": 0}, "num_videos_per_prompt must be an integer >= 1"),
+        (torch.rand(1, 2, 32, 32), {"latents": torch.randn(1, 2, 1, 32, 32)},
+         r"latents must be a tensor of shape \(1, 3, 1, 32, 32\)"),
+        (torch.rand(1, 2, 32, 32), {"latents": torch.randn(1, 3, 1, 32, 32, dtype=torch.float64)},
+         "latents must be torch.float32 on cpu like the UNet, got torch.float64"),
+        (torch.rand(1, 2, 32, 32), {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs":
+                                    ["noise_pred"]}, r"may name \['latents'\], got \['noise_pred'\]"),
         (torch.rand(1, 2, 32, 32), {"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
         (torch.rand(1, 2, 32, 32), {"num_inference_steps": 2.0}, "num_inference_steps must be an integer >= 1"),
         (torch.rand(1, 2, 32, 32), {"num_frames": 0}, "num_frames must be an integer >= 1"),
@@ -189,7 +201,7 @@ def test_missing_or_corrupt_files_give_clear_errors(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is corrupt or truncated"):
         MCVDPipeline.from_pretrained(tmp_path / "ok")
     weights.unlink()
-    with pytest.raises(FileNotFoundError, match="holds no .safetensors weight file"):
+    with pytest.raises(FileNotFoundError, match="holds no .safetensors or .bin weight file"):
         MCVDPipeline.from_pretrained(tmp_path / "ok")
     (tmp_path / "ok" / "model_index.json").write_text("{not json")
     with pytest.raises(ValueError, match="model_index.json is corrupt"):

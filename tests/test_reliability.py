@@ -102,10 +102,24 @@ def test_a_second_signal_exits_at_once(tmp_path):
 
 
 def test_signal_handlers_are_restored_after_training(tmp_path):
-    before = signal.getsignal(signal.SIGTERM)
-    with StopOnSignal() as stop:
-        assert signal.getsignal(signal.SIGTERM) == stop._handle
-    assert signal.getsignal(signal.SIGTERM) == before
+    def handlers():
+        return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    before, seen = handlers(), []
+    import mcvd_diffusers.trainer as trainer
+
+    class Watched(StopOnSignal):  # what the loop installs while it trains
+        def __enter__(self):
+            stop = super().__enter__()
+            seen.append(handlers() == (stop._handle, stop._handle))
+            return stop
+
+    original, trainer.StopOnSignal = trainer.StopOnSignal, Watched
+    try:
+        train(small_config(tmp_path / "run", max_steps=2, validate_every=0, checkpoint_every=0, lr_scheduler="constant"))
+    finally:
+        trainer.StopOnSignal = original
+    assert seen == [True] and handlers() == before
 
 
 # ----------------------------------------------------------------------- latest, fresh starts
