@@ -27,10 +27,10 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --progress-bar off -e ".[test]"
 	touch $@
 
-# The shipped model predicts 16 clips of the bundled MNIST test digits (2 samples each) with the
+# The shipped model predicts 16 clips of the bundled MNIST test digits (one sample each) with the
 # sampler it ships with, next to copy-last-frame: the table, predictions.gif and report.html.
 demo: install
-	$(BIN)/python eval_mcvd.py --model $(MODEL) --samplers shipped --num_clips 16 --samples_per_clip 2 --batch_size 32 --mnist_root bundled --out $(DEMO_DIR)
+	$(BIN)/python eval_mcvd.py --model $(MODEL) --samplers shipped --num_clips 16 --samples_per_clip 1 --batch_size 16 --mnist_root bundled --out $(DEMO_DIR)
 
 train-demo: install
 	$(BIN)/python train_mcvd.py --config configs/quickstart.yaml --output_dir $(TRAIN_DEMO_DIR) --overwrite true
