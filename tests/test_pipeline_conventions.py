@@ -106,11 +106,12 @@ def test_tuple_output_and_output_types_hold_the_same_frames(pipe, past):
 
 
 def test_bf16_pipeline_follows_the_fp32_one(pipe, past):
-    reference = run(pipe, past, generator=gens(2))
+    noise = torch.randn(2, 6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = run(pipe, past, latents=noise)
     pipe.to(torch.bfloat16)
-    low = run(pipe, past, generator=gens(2))
+    low = run(pipe, past, latents=noise.bfloat16())
     assert low.dtype == torch.float32 and low.shape == reference.shape
-    assert (low - reference).abs().mean() < 0.02  # same noise, same network: bf16 rounding only
+    assert (low - reference).abs().mean() < 0.02  # same noise, same network: bf16 rounding only (0.0016 measured)
     with pytest.raises(ValueError, match="latents must be torch.bfloat16 on cpu like the UNet, got torch.float32"):
         run(pipe, past, latents=torch.randn(2, 6, 1, 32, 32))
 
