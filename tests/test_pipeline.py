@@ -37,7 +37,7 @@ def test_any_diffusers_scheduler_and_every_output_type(tiny_pipe, past, schedule
     pil = tiny_pipe(past, num_inference_steps=4, generator=gen(), output_type="pil").frames
     assert len(pil) == 2 and len(pil[0]) == 3 and isinstance(pil[0][0], PIL.Image.Image)
     assert pil[0][0].size == (32, 32)
-    pixels = torch.from_numpy(np.asarray(pil[1][2])).float()  # the same frame as 8-bit grey
+    pixels = torch.from_numpy(np.array(pil[1][2])).float()  # the same frame as 8-bit grey
     assert (pixels - pt[1, 2, 0] * 255).abs().max() <= 1
 
 
