@@ -330,10 +330,10 @@ class MCVDPipeline(DiffusionPipeline):
                              f"{unknown}")
 
     def prepare_frames(self, frames, num_videos_per_prompt: int) -> torch.Tensor | None:
-        """Checked user frames as (B * num_videos_per_prompt, F, C, H, W) in [-1, 1] on the UNet's device."""
+        """Frames as ``_as_batch`` returned them and ``check_inputs`` passed them, as
+        (B * num_videos_per_prompt, F, C, H, W) in [-1, 1] on the UNet's device."""
         if frames is None:
             return None
-        frames = self._as_batch(frames, "frames")
         if frames.ndim == 4:
             frames = frames[:, :, None]
         frames = frames.float() / 255 if frames.dtype == torch.uint8 else frames.float()

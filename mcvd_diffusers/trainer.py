@@ -70,7 +70,6 @@ class Run:
 
     config: TrainConfig
     accelerator: Accelerator
-    precision: dict
     unet: torch.nn.Module  # as Accelerate prepared it (DDP-wrapped with several processes)
     model: MCVDUNet2DModel  # the same weights, unwrapped
     ema: EMAModel
@@ -190,7 +189,7 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
     # wall time and commands over every start of the run (resumes add theirs), for the model card
     history["commands"] = history.get("commands", []) + ([command] if command else [])
     history["precision"] = precision  # this start's (a resume on other hardware may resolve auto otherwise)
-    return Run(config, accelerator, precision, unet, model, ema, optimizer, lr_schedule, scheduler, data, validation,
+    return Run(config, accelerator, unet, model, ema, optimizer, lr_schedule, scheduler, data, validation,
                generator, train_digits.source, train_fingerprint, history, step, history.get("train_seconds") or 0.0)
 
 
