@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= checkpoints/mmnist-5to10
+GENERAL_MODEL ?= checkpoints/mmnist-general
 DEMO_DIR ?= runs/demo
+TASKS_DEMO_DIR ?= runs/demo-tasks
 TRAIN_DEMO_DIR ?= runs/quickstart
 
 # LPIPS needs torchvision's AlexNet/VGG weights. Offline machines (CI) find them in
@@ -15,7 +17,7 @@ ifneq ($(SHARED_TORCH),)
 export TORCH_HOME ?= $(abspath $(SHARED_TORCH))
 endif
 
-.PHONY: install demo train-demo test
+.PHONY: install demo demo-tasks train-demo test
 
 install: $(BIN)/.installed
 
@@ -31,6 +33,13 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 # sampler it ships with, next to copy-last-frame: the table, predictions.gif and report.html.
 demo: install
 	$(BIN)/python eval_mcvd.py --model $(MODEL) --samplers shipped --num_clips 16 --samples_per_clip 1 --batch_size 16 --mnist_root bundled --out $(DEMO_DIR)
+
+# The general model's three tasks on 16 bundled test clips each: prediction and interpolation beside their
+# baselines, unconditional generation beside real clips and noise; a table and a GIF per task.
+demo-tasks: install
+	$(BIN)/python eval_mcvd.py --model $(GENERAL_MODEL) --task predict --samplers shipped --num_clips 16 --samples_per_clip 1 --batch_size 16 --mnist_root bundled --out $(TASKS_DEMO_DIR)/predict
+	$(BIN)/python eval_mcvd.py --model $(GENERAL_MODEL) --task interpolate --samplers shipped --num_clips 16 --samples_per_clip 1 --batch_size 16 --mnist_root bundled --out $(TASKS_DEMO_DIR)/interpolate
+	$(BIN)/python eval_mcvd.py --model $(GENERAL_MODEL) --task generate --samplers shipped --num_clips 16 --batch_size 16 --mnist_root bundled --out $(TASKS_DEMO_DIR)/generate
 
 train-demo: install
 	$(BIN)/python train_mcvd.py --config configs/quickstart.yaml --output_dir $(TRAIN_DEMO_DIR) --overwrite true

@@ -4,6 +4,7 @@ usage:
   python eval_mcvd.py --model PATH_OR_REPO --samplers ddpm:1000 ddim:50 dpm++:20 \\
       --num_clips 256 --samples_per_clip 10 --out results/NAME
   python eval_mcvd.py --model PATH_OR_REPO --samplers shipped --protocol reproduction --out results/NAME
+  python eval_mcvd.py --model checkpoints/mmnist-general --task interpolate|generate --samplers shipped --out DIR
 
 Writes into --out: metrics.json, summary.md, per_clip.csv, curves.png, predictions.gif and
 report.html (self-contained). Finished samplers are cached in --out/cache: rerunning an
@@ -19,6 +20,7 @@ from mcvd_diffusers.config import coerce
 from mcvd_diffusers.evaluation import REPRODUCTION_PROTOCOL, EvalConfig, evaluate
 from mcvd_diffusers.report import summary_table
 from mcvd_diffusers.run_lock import RunFolderInUse
+from mcvd_diffusers.tasks import generation_table
 
 # Flags of earlier versions that are not a respelling of a key.
 RENAMED = {"--no-timing": "--timing false", "--fvd-frames": "--fvd_include_past true|false"}
@@ -53,6 +55,11 @@ def main(argv=None) -> None:
         print(f"\ninterrupted: samplers that finished are cached in {args.out}/cache; the same command resumes",
               file=sys.stderr)
         sys.exit(130)
+    if record.get("task") == "generate":
+        print(f"\n{record['eval_config']['num_clips']} videos per row; device {record['device']}\n")
+        print(generation_table(record))
+        print(f"\nresults: {args.out}/summary.md (also metrics.json, curves.png, generated.gif)")
+        return
     print(f"\n{record['eval_config']['num_clips']} clips, {record['data_source']}; device {record['device']}\n")
     print(summary_table(record))
     print(f"\nreport: {args.out}/report.html (also metrics.json, summary.md, per_clip.csv, curves.png, predictions.gif)")

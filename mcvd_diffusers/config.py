@@ -96,6 +96,14 @@ class TrainConfig:
                                       "x0 relative to the last past frame: the network predicts each frame's "
                                       "difference to it (prediction_type \"sample\" only); recorded in the UNet's "
                                       "config, so the saved model adds the frame back itself")
+    partial_past_mask: bool = key(False,
+                                  "a masked past keeps its last k frames (none for half the masked samples, else k "
+                                  "uniform in 1..num_past_frames-1), so unconditional generation can roll out "
+                                  "block by block with fewer current than past frames; needs prob_mask_past > 0")
+    init_unet_from: str | None = key(None,
+                                     "warm start: a pipeline or UNet folder whose weights start the run (the same "
+                                     "architecture; num_future_frames may grow, new slots start at zero); ignored "
+                                     "when resuming")
     # data: Moving MNIST drawn fresh each step from MNIST train digits
     mnist_root: str | None = key(None, "a folder, \"bundled\", or None ($MCVD_MNIST_DIR, else download)")
     image_size: int = key(64, "frame size in pixels")
@@ -206,6 +214,8 @@ class TrainConfig:
             (self.prob_mask_past == 0 or self.num_past_frames > 0, "prob_mask_past > 0 needs num_past_frames > 0"),
             (self.prob_mask_future == 0 or self.num_future_frames > 0,
              "prob_mask_future > 0 needs num_future_frames > 0"),
+            (not self.partial_past_mask or self.prob_mask_past > 0, "partial_past_mask needs prob_mask_past > 0"),
+            (self.init_unet_from != "", "init_unet_from must be a folder or null"),
             (self.patch_size is None or self.patch_size >= 1, "patch_size must be >= 1 (or null: the preset's)"),
             (self.block_out_channels is None or (len(self.block_out_channels) == levels
                                                  and all(c >= 1 for c in self.block_out_channels)),
@@ -283,7 +293,7 @@ def _output_dir_errors(output_dir: str) -> list[str]:
 
 
 # Keys a resumed run may change: they do not alter the model, the data or the optimization.
-RESUMABLE_CHANGES = {"max_steps", "mnist_root", "validate_every", "val_batch_size", "val_rollout_clips",
+RESUMABLE_CHANGES = {"max_steps", "init_unet_from", "mnist_root", "validate_every", "val_batch_size", "val_rollout_clips",
                      "sample_every", "sample_clips",
                      "sample_sampler", "export_sampler", "channels_last", "compile", "fused_adamw", "checkpoint_every",
                      "checkpoints_total_limit", "resume_from_checkpoint", "output_dir", "overwrite", "log_every",
@@ -349,6 +359,7 @@ def build_unet(config: TrainConfig) -> MCVDUNet2DModel:
         prob_mask_past=config.prob_mask_past,
         prob_mask_future=config.prob_mask_future,
         residual_to_last_past=config.residual_to_last_past,
+        partial_past_mask=config.partial_past_mask,
     )
 
 

@@ -1,5 +1,10 @@
 """The evaluation protocol behind eval_mcvd.py: samplers and baselines on the same clips, in one run.
 
+Three tasks (``--task``): ``predict`` (the past frames in, the next ``num_frames`` out), ``interpolate`` (the
+past frames and, after a gap of the model's ``num_current_frames``, its ``num_future_frames`` in: the gap out;
+a linear cross-fade joins the baselines) and ``generate`` (no frames in; tasks.py scores it without a ground
+truth).
+
 For each sampler, every test clip gets k samples (one seeded generator per video, so the
 numbers do not depend on the batch size); each is scored per frame (metrics.py) and
 aggregated to mean-of-k and best-of-k. Baselines: copy-last-frame and the ground truth
@@ -41,7 +46,9 @@ from .runtime import (autocast, describe_precision, device_name, machine_state, 
 from .schedulers import SAMPLERS, SamplerSpec, make_sampler
 
 TEST_SETS = ("generated", "official")
+TASKS = ("predict", "interpolate", "generate")
 COPY_LAST = "copy last frame"
+CROSS_FADE = "linear cross-fade"
 GIF_SAMPLES = 2  # samples per sampler shown in the GIF grid
 
 
@@ -54,7 +61,9 @@ class EvalConfig:
                               "default step count")
     num_clips: int = key(256, "the first N clips of the test set")
     samples_per_clip: int = key(10, "k, for mean-of-k and best-of-k")
-    num_frames: int = key(10, "frames predicted after the model's past frames")
+    task: str = key("predict", "predict, interpolate (fills the model's gap of num_current_frames between past and "
+                               "future frames; num_frames is set to it) or generate (no frames in)")
+    num_frames: int = key(10, "frames predicted after the model's past frames (generate: frames generated)")
     test_set: str = key("generated", "the fixed generated test set, or \"official\" (mnist_test_seq.npy)")
     test_file: str | None = key(None, "path of mnist_test_seq.npy for test_set=\"official\", or \"download\"")
     mnist_root: str | None = key(None, "MNIST for the generated test set (a folder, \"bundled\", or None)")
@@ -86,6 +95,35 @@ def copy_last_frame(past: torch.Tensor, num_frames: int) -> torch.Tensor:
     return past[:, -1:].expand(-1, num_frames, *past.shape[2:]).clone()
 
 
+def cross_fade(past: torch.Tensor, after: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The interpolation baseline: a linear blend from the last past frame to the first frame after the gap,
+    (B, P, C, H, W), (B, F, C, H, W) -> (B, num_frames, C, H, W); frame i of the gap weighs i / (num_frames + 1)."""
+    weights = torch.arange(1, num_frames + 1, dtype=past.dtype, device=past.device) / (num_frames + 1)
+    weights = weights.view(1, -1, 1, 1, 1)
+    return (1 - weights) * past[:, -1:] + weights * after[:, :1]
+
+
+def check_task(unet, task: str, num_frames: int) -> None:
+    """Refuses a task the model was not trained for, naming what it would need."""
+    cfg = unet.config
+    if task == "interpolate" and cfg.num_future_frames == 0:
+        raise ValueError("--task interpolate: this model has no future-frame slots (num_future_frames=0); it was "
+                         "trained for prediction only")
+    if task in ("predict", "generate") and not unet.can_generate_without_future:
+        raise ValueError(f"--task {task}: this model always saw future frames in training (prob_mask_future=0); "
+                         "evaluate it with --task interpolate")
+    if task == "predict" and cfg.num_past_frames == 0:
+        raise ValueError("--task predict: this model has no past-frame slots; use --task generate")
+    if task == "generate" and not unet.can_generate_without_past:
+        raise ValueError("--task generate: this model was trained without past masking (prob_mask_past=0), so it "
+                         "cannot generate without past frames; train one with prob_mask_past > 0 "
+                         "(configs/general.yaml)")
+    if task == "generate" and num_frames > cfg.num_current_frames and not unet.can_roll_out_without_past:
+        raise ValueError(f"--task generate: this model generates at most {cfg.num_current_frames} frames without "
+                         f"past frames (num_current_frames < num_past_frames and no partial_past_mask); pass "
+                         f"--num_frames {cfg.num_current_frames}")
+
+
 I3D_FEATURES = 400  # the length of an FVD feature vector (I3D's Kinetics-400 logits)
 # The protocol of the reproduction we start from: 30 clips, one sample each, and its contrast stretch.
 REPRODUCTION_PROTOCOL = {"num_clips": 30, "samples_per_clip": 1, "stretch": True}
@@ -111,6 +149,10 @@ def _validate(config: EvalConfig) -> list[SamplerSpec | None]:
         raise ValueError(f"threads must be >= 1, got {config.threads}")
     if config.gif_clips < 0:
         raise ValueError(f"gif_clips must be >= 0, got {config.gif_clips}")
+    if config.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
+    if config.task == "generate" and config.stretch:
+        raise ValueError("--task generate has no ground truth to compare with: stretch does not apply")
     if config.test_set not in TEST_SETS:
         raise ValueError(f"test_set must be one of {TEST_SETS}, got {config.test_set!r}")
     if config.test_set == "official" and not config.test_file:
@@ -160,15 +202,19 @@ TIMED_CALLS = 5  # batch-1 latency: the median of this many calls after a warm-u
 CONTENDED_SPREAD = 0.25
 
 
-def _time_batch1(pipe, past, steps, num_frames, device, precision) -> dict:
+def _time_batch1(pipe, past, steps, num_frames, device, precision, after=None) -> dict:
     """Batch-1 latency of one video: the median (and spread) of ``TIMED_CALLS`` calls after a warm-up, synchronized."""
     seconds = []
+    past = None if past is None else past[:1]  # None: unconditional generation of one video
+    after = None if after is None else after[:1]
     with autocast(precision, device):
-        pipe(past[:1], num_frames=num_frames, num_inference_steps=steps, generator=torch.Generator(device))
+        pipe(past, future_frames=after, num_frames=num_frames, num_inference_steps=steps,
+             generator=torch.Generator(device))
         for _ in range(TIMED_CALLS):
             synchronize(device)
             start = time.perf_counter()
-            pipe(past[:1], num_frames=num_frames, num_inference_steps=steps, generator=torch.Generator(device))
+            pipe(past, future_frames=after, num_frames=num_frames, num_inference_steps=steps,
+                 generator=torch.Generator(device))
             synchronize(device)
             seconds.append(time.perf_counter() - start)
     median = float(np.median(seconds))
@@ -185,9 +231,10 @@ def video_features(i3d: I3D, past: torch.Tensor, frames: torch.Tensor, config: E
 
 def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Tensor, future: torch.Tensor,
                 steps: int, config: EvalConfig, progress, i3d: I3D | None = None,
-                digits: DigitIdentity | None = None) -> dict:
+                digits: DigitIdentity | None = None, after: torch.Tensor | None = None) -> dict:
     """Samples k videos per clip in batches, scores them per frame (also stretched, with ``config.stretch``;
-    and their digit identity, given ``digits``) and, given ``i3d``, takes their FVD features. Returns the
+    and their digit identity, given ``digits``) and, given ``i3d``, takes their FVD features. ``after``: the
+    frames after the gap for interpolation (None: prediction). Returns the
     per-frame metrics (N, k, F), the features (N, k, 400), the predictions of the GIF clips, and timings."""
     device = pipe.device
     n, k = len(past), config.samples_per_clip
@@ -201,8 +248,9 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
     gif = torch.zeros(min(config.gif_clips, n), shown, *future.shape[1:], dtype=torch.uint8)
     # Warm-up at the batch size, so that the amortized time excludes one-off costs.
     with autocast(config.precision, device):
-        pipe(past[:1].expand(min(config.batch_size, n * k), *past.shape[1:]), num_frames=config.num_frames,
-             num_inference_steps=min(steps, 2))
+        warm = min(config.batch_size, n * k)
+        pipe(past[:1].expand(warm, *past.shape[1:]), num_frames=config.num_frames, num_inference_steps=min(steps, 2),
+             future_frames=None if after is None else after[:1].expand(warm, *after.shape[1:]))
     synchronize(device)
     sampling_seconds = 0.0
     for start in range(0, n * k, config.batch_size):
@@ -211,8 +259,8 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
         generators = _video_generators(device, config.seed, clips, samples)
         begin = time.perf_counter()
         with autocast(config.precision, device):  # the UNet only: metrics below run in fp32
-            frames = pipe(past[clips], num_frames=config.num_frames, num_inference_steps=steps,
-                          generator=generators).frames
+            frames = pipe(past[clips], future_frames=None if after is None else after[clips],
+                          num_frames=config.num_frames, num_inference_steps=steps, generator=generators).frames
         synchronize(device)
         sampling_seconds += time.perf_counter() - begin
         for name, values in frame_metrics(frames, future[clips]).items():
@@ -232,7 +280,7 @@ def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Ten
         progress.update(len(clips))
     timing = {"seconds_per_video_amortized": sampling_seconds / (n * k), "batch_size": config.batch_size}
     if config.timing:
-        timing.update(_time_batch1(pipe, past, steps, config.num_frames, device, config.precision))
+        timing.update(_time_batch1(pipe, past, steps, config.num_frames, device, config.precision, after))
     return {"per_frame": {name: v.view(n, k, -1) for name, v in per_frame.items()}, "gif": gif, "timing": timing,
             "stretched": {name: v.view(n, k, -1) for name, v in stretched.items()},
             "fvd_features": None if features is None else features.view(n, k, -1)}
@@ -294,6 +342,10 @@ def evaluate(config: EvalConfig) -> dict:
     """Runs the protocol and writes every output into ``config.out``; returns what metrics.json holds."""
     requested = _validate(config)  # names and numbers first, then files: all before any sampling
     with hold_run_folder(config.out, "eval_mcvd.py"):  # a second evaluation into the same folder is refused
+        if config.task == "generate":
+            from .tasks import evaluate_generation  # tasks.py builds on this module
+
+            return evaluate_generation(config, requested)
         return _evaluate(config, requested)
 
 
@@ -313,13 +365,20 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
         raise ValueError(f"--samplers {SHIPPED}: {config.model} ships with {type(pipe.scheduler).__name__}, which is "
                          f"none of the named samplers {sorted(SAMPLERS)}; name the sampler instead")
     samplers = list(dict.fromkeys(SamplerSpec.parse(shipped) if spec is None else spec for spec in requested))
-    tqdm.write(f"loading {config.num_clips} clips of the {config.test_set} test set")
-    clips, test_info, layout = load_test_clips(config, with_layout=True)
     unet_cfg = pipe.unet.config
     num_past = unet_cfg.num_past_frames
-    if num_past + config.num_frames > clips.shape[1]:
+    num_after = unet_cfg.num_future_frames if config.task == "interpolate" else 0
+    if config.task == "interpolate":  # the gap the model fills
+        config = dataclasses.replace(config, num_frames=unet_cfg.num_current_frames)
+        asked = dataclasses.replace(asked, num_frames=config.num_frames)  # what metrics.json records
+        tqdm.write(f"interpolation: {num_past} past and {num_after} future frames in, the {config.num_frames} "
+                   "between them out")
+    check_task(pipe.unet, config.task, config.num_frames)
+    tqdm.write(f"loading {config.num_clips} clips of the {config.test_set} test set")
+    clips, test_info, layout = load_test_clips(config, with_layout=True)
+    if num_past + config.num_frames + num_after > clips.shape[1]:
         raise ValueError(f"the test clips hold {clips.shape[1]} frames: {num_past} past + num_frames="
-                         f"{config.num_frames} do not fit")
+                         f"{config.num_frames}" + (f" + {num_after} future" if num_after else "") + " do not fit")
     if tuple(clips.shape[2:]) != pipe.unet.frame_shape[1:] or pipe.unet.frame_shape[0] != 1:
         raise ValueError(f"the test frames are 1x{clips.shape[2]}x{clips.shape[3]}, the model expects "
                          f"{'x'.join(map(str, pipe.unet.frame_shape))}")
@@ -340,16 +399,19 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     metric_names = (*frame_metrics.metrics, *([DIGIT_ACC] if digits is not None else []))
     video = clips_to_video(clips)
     past, future = video[:, :num_past], video[:, num_past : num_past + config.num_frames]
+    after = video[:, num_past + config.num_frames :][:, :num_after] if num_after else None  # interpolation's input
     real_features = video_features(i3d, past, future, config) if i3d is not None else None
     if config.compile:
         with autocast(config.precision, device):
-            maybe_compile(pipe.unet, lambda: pipe(past[:1], num_frames=config.num_frames, num_inference_steps=1))
+            maybe_compile(pipe.unet, lambda: pipe(past[:1], future_frames=None if after is None else after[:1],
+                                                  num_frames=config.num_frames, num_inference_steps=1))
     out = Path(config.out)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     clear_outputs(out)  # an earlier run's results must not look like this run's if it is interrupted
 
     rows: dict[str, dict] = {}
-    baselines = ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames)))
+    baselines = ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames)),
+                 *([(CROSS_FADE, cross_fade(past, after, config.num_frames))] if after is not None else []))
     # scoring the baselines takes minutes on 256 clips (LPIPS-VGG, digit identity): shown, not silent
     baseline_progress = tqdm(total=len(baselines) * len(future), desc="score baselines", unit="video")
     for label, prediction in baselines:
@@ -384,7 +446,7 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
                              None if digits is None else digits.weights)
             result = _load_cache(cache, key, metric_names)
             if result is None:
-                result = run_sampler(pipe, frame_metrics, past, future, steps, config, progress, i3d, digits)
+                result = run_sampler(pipe, frame_metrics, past, future, steps, config, progress, i3d, digits, after)
                 _save_cache(cache, key, result)
             else:
                 progress.update(len(past) * config.samples_per_clip)

@@ -107,6 +107,21 @@ def render_model_card(info: dict, repo_id: str) -> str:
     else:
         metrics = ("Not evaluated yet. Run `python eval_mcvd.py --model PATH --out results/NAME --update_model_card` "
                    "to add the table here.")
+    titles = {"interpolate": "Interpolation (the frames between the past and the future frames)",
+              "generate": "Unconditional generation (no frames in; real clips and noise for reference)"}
+    for task, done in (info.get("task_evaluations") or {}).items():
+        per_clip = f", {done['samples_per_clip']} samples per clip" if done.get("samples_per_clip") else ""
+        metrics += (f"\n\n### {titles.get(task, task)}\n\n`{done['command']}` on {done['num_clips']} "
+                    f"{'videos' if task == 'generate' else 'test clips'}{per_clip}, device {done['device']}:\n\n"
+                    f"{done['table']}")
+    usage = ""
+    if config["prob_mask_past"] > 0:
+        usage += (f"\nvideo = pipe(batch_size=4, num_frames=10).frames  # unconditional generation\n")
+    if config["num_future_frames"] > 0:
+        usage += (f"after = torch.rand(1, {config['num_future_frames']}, {config['image_size']}, "
+                  f"{config['image_size']})  # the frames after the gap\n"
+                  f"gap = pipe(past, future_frames=after, num_frames={config['num_current_frames']}).frames  "
+                  "# interpolation\n")
     # "precision: bf16 (auto: this CPU has native bf16: <model>)"; no line for runs from before mixed_precision auto
     recorded = info.get("precision")
     known = isinstance(recorded, dict) and {"resolved", "reason"} <= recorded.keys()
@@ -132,6 +147,8 @@ def render_model_card(info: dict, repo_id: str) -> str:
         "precision": precision,
         "config": yaml.safe_dump(config, sort_keys=False).strip(),
         "metrics": metrics,
+        "task_usage": usage,
+        "notes": f"\n{info['notes']}\n" if info.get("notes") else "",
     }
     metadata = card_metadata(info, values["model_name"])
     # from_template also passes the metadata's own keys and card_data (the YAML front matter) to the template

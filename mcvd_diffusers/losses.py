@@ -21,6 +21,21 @@ def draw_keep_mask(
     return torch.rand(batch_size, generator=generator, device=device) >= prob_mask
 
 
+def draw_past_keep(batch_size: int, cfg, generator: torch.Generator | None = None, device=None
+                   ) -> torch.Tensor | None:
+    """The past's keep mask: MCVD's per-sample (B,) mask, or for a ``partial_past_mask`` model a per-frame
+    (B, P) one, where half of the masked samples lose every past frame and the others keep their last k,
+    k uniform in 1..P-1 (what an unconditional rollout conditions on after its first blocks)."""
+    keep = draw_keep_mask(batch_size, cfg.prob_mask_past, generator, device)
+    frames = cfg.num_past_frames
+    if keep is None or not getattr(cfg, "partial_past_mask", False) or frames < 2:
+        return keep
+    fully = torch.rand(batch_size, generator=generator, device=device) < 0.5
+    some = torch.randint(1, frames, (batch_size,), generator=generator, device=device)
+    kept = torch.where(keep, frames, torch.where(fully, 0, some))
+    return torch.arange(frames, device=device)[None] >= (frames - kept)[:, None]
+
+
 def prediction_target(scheduler: DDPMScheduler, current: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
     if scheduler.config.prediction_type == "epsilon":
         return noise
@@ -83,7 +98,7 @@ def diffusion_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.
     noise = torch.randn((batch, cfg.num_current_frames, *model.frame_shape), generator=generator, device=device,
                         dtype=clip.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
-    keep_past = draw_keep_mask(batch, cfg.prob_mask_past, generator, device)
+    keep_past = draw_past_keep(batch, cfg, generator, device)
     keep_future = draw_keep_mask(batch, cfg.prob_mask_future, generator, device) if cfg.num_future_frames else None
     if past_noise_augment > 0 and cfg.num_past_frames > 0:
         clip = augment_past(clip, cfg.num_past_frames, past_noise_augment, generator)

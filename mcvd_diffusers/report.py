@@ -107,6 +107,12 @@ def protocol_notes(record: dict) -> list[str]:
                                                "shared the cores, so their latency is not this machine's"
                                                if any(r["timing"].get("batch1_contended")
                                                       for r in record["rows"].values()) else "") + ".")
+    if record["eval_config"].get("task") == "interpolate":
+        cfg = record["model_config"]
+        notes.append(f"Interpolation: the model sees {cfg['num_past_frames']} past frames and the "
+                     f"{cfg['num_future_frames']} frames after a gap of {cfg['num_current_frames']}, and fills the gap; "
+                     "'frame i' counts the gap's frames. Linear cross-fade: the last past frame blended into the first "
+                     "frame after the gap.")
     if record["eval_config"].get("stretch"):
         notes.append("Rows marked '+ stretch' score the same predictions after the reproduction's contrast stretch, "
                      "(x - 0.2) / 0.6 clipped to [0, 1], which turns grey pixels black or white and so raises SSIM "
@@ -174,7 +180,10 @@ def evaluation_results(record: dict) -> list[dict]:
 
 def update_model_card(folder: Path, record: dict) -> Path:
     """Adds this evaluation to the model card of a pipeline exported by our training: its table in the text,
-    its numbers (``evaluation_results``) for the card's metadata."""
+    its numbers (``evaluation_results``) for the card's metadata. Interpolation gets a section of its own
+    (``record_task_evaluation``); prediction is the card's main evaluation."""
+    if record["eval_config"].get("task") == "interpolate":
+        return record_task_evaluation(folder, "interpolate", record, summary_table(record))
     info = read_training_info(folder)
     info["evaluation"] = {"command": record["command"], "num_clips": record["eval_config"]["num_clips"],
                           "samples_per_clip": record["eval_config"]["samples_per_clip"],
@@ -182,6 +191,16 @@ def update_model_card(folder: Path, record: dict) -> Path:
                           "test_set": record["test_set"]["name"], "shipped_sampler": record.get("shipped_sampler"),
                           "fvd": record.get("fvd"), "table": summary_table(record),
                           "results": evaluation_results(record)}
+    return write_model_card(folder, info)
+
+
+def record_task_evaluation(folder: Path, task: str, record: dict, table: str) -> Path:
+    """Adds the evaluation of another task than prediction (interpolate, generate) to the model card."""
+    info = read_training_info(folder)
+    cfg = record["eval_config"]
+    info.setdefault("task_evaluations", {})[task] = {
+        "command": record["command"], "num_clips": cfg["num_clips"], "device": record["device"],
+        "samples_per_clip": None if task == "generate" else cfg["samples_per_clip"], "table": table}
     return write_model_card(folder, info)
 
 

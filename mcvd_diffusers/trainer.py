@@ -48,6 +48,7 @@ from .interrupt import StopOnSignal, TrainingInterrupted
 from .losses import diffusion_loss
 from .lr_schedules import make_lr_schedule
 from .models.unet_mcvd import MCVDUNet2DModel
+from .pipeline_mcvd import MCVDPipeline
 from .run_lock import hold_run_folder
 from .runtime import describe_precision, maybe_compile, precision_info, to_channels_last
 from .validation import ValidationSet, can_roll_out, write_sample_gif
@@ -146,6 +147,9 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
     resume = _prepare_output_dir(config, accelerator, Path(config.output_dir), precision["resolved"])
     set_seed(config.seed)
     unet = build_unet(config)
+    if config.init_unet_from and resume is None:
+        unet.warm_start_from(_load_unet(config.init_unet_from))
+        accelerator.print(f"warm start: weights from {config.init_unet_from}")
     parameter_names = [name for name, _ in unet.named_parameters()]
     scheduler = build_noise_scheduler(config)
     train_digits = load_mnist("train", root=config.mnist_root)
@@ -191,6 +195,17 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
     history["precision"] = precision  # this start's (a resume on other hardware may resolve auto otherwise)
     return Run(config, accelerator, unet, model, ema, optimizer, lr_schedule, scheduler, data, validation,
                generator, train_digits.source, train_fingerprint, history, step, history.get("train_seconds") or 0.0)
+
+
+def _load_unet(folder: str) -> MCVDUNet2DModel:
+    """The UNet of a pipeline folder (its files verified) or of a UNet folder."""
+    path = Path(folder)
+    if (path / "model_index.json").is_file():
+        return MCVDPipeline.from_pretrained(path).unet
+    if (path / "config.json").is_file():
+        return MCVDUNet2DModel.from_pretrained(path)
+    raise FileNotFoundError(f"init_unet_from: {folder} is neither a pipeline folder (model_index.json) nor a UNet "
+                            "folder (config.json)")
 
 
 class LossMeter:

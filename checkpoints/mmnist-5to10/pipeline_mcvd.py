@@ -288,10 +288,10 @@ class MCVDPipeline(DiffusionPipeline):
             if not self.unet.can_generate_without_past:
                 raise ValueError("past_frames=None asks for unconditional generation, but this model was trained "
                                  "without past masking (prob_mask_past=0): pass past_frames")
-            if num_frames > cfg.num_current_frames and cfg.num_current_frames < cfg.num_past_frames:
+            if num_frames > cfg.num_current_frames and not self.unet.can_roll_out_without_past:
                 raise ValueError(f"an unconditional rollout beyond one block needs num_current_frames "
-                                 f"({cfg.num_current_frames}) >= num_past_frames ({cfg.num_past_frames}); ask for at "
-                                 f"most {cfg.num_current_frames} frames")
+                                 f"({cfg.num_current_frames}) >= num_past_frames ({cfg.num_past_frames}) or a model "
+                                 f"trained with partial_past_mask; ask for at most {cfg.num_current_frames} frames")
             batch = batch_size or 1
         else:
             batch = self._check_frames(past_frames, "past_frames", cfg.num_past_frames)
@@ -459,8 +459,9 @@ class MCVDPipeline(DiffusionPipeline):
                         progress_bar.update()
                     blocks.append(latents)
                     if cfg.num_past_frames > 0:  # slide the conditioning window onto the generated frames
-                        window = latents if past is None else torch.cat([past, latents], dim=1)
-                        past = window[:, -cfg.num_past_frames:]
+                        if past is None:  # generation: zeros (masked) before the first generated frame
+                            past = latents.new_zeros(batch, cfg.num_past_frames, *self.unet.frame_shape)
+                        past = torch.cat([past, latents], dim=1)[:, -cfg.num_past_frames:]
         finally:
             self.unet.train(was_training)
 

@@ -96,6 +96,10 @@ class MCVDUNet2DModel(UNet2DModel):
             the past / future block by zeros (MCVD's masking). A model can generate without
             past frames only if it was trained with ``prob_mask_past > 0``, and ignore its
             future slots only if ``prob_mask_future > 0``.
+        partial_past_mask: a masked past keeps its last k frames (k = 0, MCVD's full mask, for half the
+            masked samples, else uniform in 1..num_past_frames-1), so that unconditional generation can roll
+            out block by block when ``num_current_frames < num_past_frames``: each block conditions on the
+            frames generated so far, zeros before them. False (configs saved before this key): MCVD's mask.
         patch_size: the UNet runs on frames pixel-unshuffled by this factor (space-to-depth: an
             HxW frame becomes (H/p)x(W/p) with p*p times the channels) and its output is
             pixel-shuffled back; 1 runs it at full resolution.
@@ -117,6 +121,7 @@ class MCVDUNet2DModel(UNet2DModel):
         prob_mask_future: float = 0.0,
         patch_size: int = 1,
         residual_to_last_past: bool = False,
+        partial_past_mask: bool = False,
         sample_size: int = 64,
         in_channels: int | None = None,
         out_channels: int | None = None,
@@ -157,6 +162,10 @@ class MCVDUNet2DModel(UNet2DModel):
         _check_grid(sample_size, patch_size, len(block_out_channels))
         if not isinstance(residual_to_last_past, bool):
             raise ValueError(f"residual_to_last_past must be true or false, got {residual_to_last_past!r}")
+        if not isinstance(partial_past_mask, bool):
+            raise ValueError(f"partial_past_mask must be true or false, got {partial_past_mask!r}")
+        if partial_past_mask and prob_mask_past == 0:
+            raise ValueError("partial_past_mask needs prob_mask_past > 0 (it says how a masked past is masked)")
         if residual_to_last_past and num_past_frames == 0:
             raise ValueError("residual_to_last_past needs past frames (num_past_frames >= 1)")
         expected_in = (num_past_frames + num_current_frames + num_future_frames) * frame_channels * patch_size**2
@@ -220,6 +229,33 @@ class MCVDUNet2DModel(UNet2DModel):
         cfg = self.config
         return cfg.num_past_frames + cfg.num_current_frames + cfg.num_future_frames
 
+    # Config keys a warm start may change: the conditioning slots and how training masks them.
+    WARM_START_FREE = {"num_future_frames", "prob_mask_past", "prob_mask_future", "partial_past_mask", "in_channels",
+                       "_name_or_path", "_use_default_values", "_diffusers_version", "_class_name"}
+
+    @torch.no_grad()
+    def warm_start_from(self, source: "MCVDUNet2DModel") -> None:
+        """Copies a trained model's weights into this one (fine-tuning it into a model with more
+        conditioning slots, e.g. a predictor into an interpolating, generating model). Everything but
+        the future slots and the masking must match; the first convolution keeps the source's
+        channels for the past, current and its future frames, and new future slots start at zero, so
+        the warm-started model computes exactly what the source did until it learns to use them."""
+        mine, theirs = dict(self.config), dict(source.config)
+        differ = sorted(k for k in set(mine) | set(theirs)
+                        if k not in self.WARM_START_FREE and mine.get(k) != theirs.get(k))
+        if differ or theirs["num_future_frames"] > mine["num_future_frames"]:
+            details = [f"{k}: source {theirs.get(k)!r}, this model {mine.get(k)!r}" for k in differ]
+            if theirs["num_future_frames"] > mine["num_future_frames"]:
+                details.append(f"num_future_frames: source {theirs['num_future_frames']} > this model's "
+                               f"{mine['num_future_frames']}")
+            raise ValueError("cannot warm-start from a model of another architecture: " + "; ".join(details)
+                             + ". Only num_future_frames may grow, and the masking may change")
+        state = source.state_dict()
+        theirs_in = state.pop("conv_in.weight")  # (out, in, k, k), in: [past | current | future] frames
+        self.conv_in.weight.zero_()[:, :theirs_in.shape[1]] = theirs_in  # new future channels stay zero
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        assert missing == ["conv_in.weight"] and not unexpected, (missing, unexpected)  # same config, same tensors
+
     def split_clip(self, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(B, clip_length, C, H, W) -> past, current, future (None when the model has no future slots)."""
         cfg = self.config
@@ -238,6 +274,13 @@ class MCVDUNet2DModel(UNet2DModel):
         return self.config.num_past_frames == 0 or self.config.prob_mask_past > 0
 
     @property
+    def can_roll_out_without_past(self) -> bool:
+        """Unconditional generation beyond one block: each block conditions on the frames generated before it."""
+        cfg = self.config
+        return self.can_generate_without_past and (
+            cfg.num_current_frames >= cfg.num_past_frames or getattr(cfg, "partial_past_mask", False))
+
+    @property
     def can_generate_without_future(self) -> bool:
         return self.config.num_future_frames == 0 or self.config.prob_mask_future > 0
 
@@ -250,10 +293,12 @@ class MCVDUNet2DModel(UNet2DModel):
         if tuple(frames.shape) != expected:
             raise ValueError(f"{name} must have shape (B, frames, C, H, W) = {expected}, got {tuple(frames.shape)}")
         frames = frames.to(like.dtype).flatten(1, 2)
-        if keep is not None:
-            if keep.shape != (batch,):
-                raise ValueError(f"the keep mask for {name} must have shape ({batch},), got {tuple(keep.shape)}")
-            frames = frames * keep.to(frames.dtype)[:, None, None, None]
+        if keep is not None:  # per sample (B,), or per frame (B, count) for a partial mask
+            if keep.shape not in ((batch,), (batch, count)):
+                raise ValueError(f"the keep mask for {name} must have shape ({batch},) or ({batch}, {count}), "
+                                 f"got {tuple(keep.shape)}")
+            per_frame = keep.to(frames.dtype).reshape(batch, -1, 1, 1, 1).expand(batch, count, *self.frame_shape)
+            frames = frames * per_frame.flatten(1, 2)
         return frames
 
     def forward(
@@ -274,7 +319,8 @@ class MCVDUNet2DModel(UNet2DModel):
             timestep: diffusion step(s), a number or a (B,) tensor.
             past_frames / future_frames: (B, num_past_frames / num_future_frames, C, H, W) in
                 [-1, 1]; None means the block is masked (zeros), as in MCVD.
-            keep_past / keep_future: optional (B,) bool tensors; False masks that sample's block.
+            keep_past / keep_future: optional (B,) bool tensors, False masks that sample's block; or
+                (B, frames), False masks that frame (a partial mask).
 
         Returns:
             ``UNet2DOutput`` whose ``sample`` has the shape of ``sample``.
@@ -313,4 +359,4 @@ import sys as _sys  # noqa: E402
 import types as _types  # noqa: E402
 
 _made = _sys.modules.setdefault('_mcvd_diffusers_remote_code', _types.ModuleType('_mcvd_diffusers_remote_code')).__dict__
-MCVDUNet2DModel = _made.setdefault('unet_mcvd:0978d9c51701242f:MCVDUNet2DModel', MCVDUNet2DModel)
+MCVDUNet2DModel = _made.setdefault('unet_mcvd:6fa62b527e94b98d:MCVDUNet2DModel', MCVDUNet2DModel)

@@ -1,0 +1,249 @@
+"""Unconditional generation, measured without a ground truth (``eval_mcvd.py --task generate``).
+
+Each sampler draws ``num_clips`` videos of ``num_frames`` frames with no frames in (one seeded generator
+per video; ``samples_per_clip`` does not apply). The same scores are taken of the first ``num_clips`` real
+test clips (their first ``num_frames`` frames) and of noise (an untrained model's output: Gaussian noise on
+[-1, 1], clipped), so each number has a ceiling and a floor:
+
+- ``confident``: the share of digit windows the digit classifier (digit_classifier.py) reads with a top
+  softmax probability >= ``CONFIDENT``. A frame's digit windows are the ``num_digits`` 28x28 windows with
+  the most ink under a centred Gaussian weight (so a digit lands in the middle of its window, as MNIST
+  centres it), each overlapping those chosen before it by at most ``MAX_OVERLAP`` of its area (the rule of
+  digit identity). The classifier has no "no digit" answer and reads noise confidently, so a window holds a
+  digit only if its mean ink lies in ``INK_RANGE``, what digit windows of real clips hold; any other
+  counts as not confident. ``confidence``: the mean top probability (0 outside the ink range).
+- ``identity_kept``: per video, the share of the digits read confidently in frame 1 that are read as the
+  same labels in each later frame (do generated digits stay the same digits?).
+- ``label_entropy``: the entropy, in bits, of the confident windows' labels over the set: 3.32 (log2 10)
+  when every digit is drawn alike, 0 when one digit is drawn every time.
+- ``pairwise_mse``: the mean per-pixel MSE between videos i and i+1 of the set: 0 when every video is the same.
+- ``fvd`` against the real clips, with ``--fvd``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers.utils import export_to_gif
+from tqdm.auto import tqdm
+
+from .data.moving_mnist import clips_to_video
+from .digit_classifier import DIGIT_SIZE, MAX_OVERLAP, crop_windows, load_digit_classifier, weights_sha256
+from .evaluation import (EvalConfig, _time_batch1, _video_generators, check_task, load_test_clips,
+                         shipped_sampler)
+from .fvd import fvd_from_features, i3d_features
+from .models.i3d import load_i3d, resolve_weights
+from .integrity import sha256_file
+from .pipeline_mcvd import MCVDPipeline
+from .report import _git_commit, _tile, clear_outputs, record_task_evaluation
+from .runtime import (autocast, describe_precision, device_name, machine_state, precision_info, resolve_device,
+                      synchronize, versions)
+from .schedulers import SamplerSpec
+
+CONFIDENT = 0.9  # top softmax probability of a confident read
+# The mean ink of a window that holds a digit: the 0.1th and 99.9th percentiles (0.055, 0.419) of the windows
+# this locator finds in 256 clips of MNIST validation digits (noise holds ~0.51, a blank frame 0).
+INK_RANGE = (0.05, 0.42)
+LOCATOR_SIGMA = 7.0  # pixels: the Gaussian weight that centres each window on its digit
+REAL, NOISE = "real test clips", "noise"
+SCORES = ("confident", "confidence", "identity_kept", "label_entropy", "pairwise_mse")
+OUTPUTS = ("metrics.json", "summary.md", "curves.png", "generated.gif")
+
+
+def digit_windows(frames: torch.Tensor, num_digits: int) -> torch.Tensor:
+    """(B, F, 1, H, W) frames in [0, 1] -> (B, F, num_digits, 2) top-left (row, col) of the windows with the most
+    ink, greedily, each overlapping the ones chosen before it by at most MAX_OVERLAP of its area."""
+    B, T = frames.shape[:2]
+    weight = torch.exp(-(torch.arange(DIGIT_SIZE) - (DIGIT_SIZE - 1) / 2) ** 2 / (2 * LOCATOR_SIGMA**2))
+    weight = (weight[:, None] * weight[None])[None, None].to(frames.device)
+    ink = F.conv2d(frames.flatten(0, 1).float(), weight / weight.sum())[:, 0]  # (B*F, H-27, W-27)
+    rows, cols = torch.meshgrid(torch.arange(ink.shape[1]), torch.arange(ink.shape[2]), indexing="ij")
+    chosen = []
+    for _ in range(num_digits):
+        flat = ink.flatten(1).argmax(1)
+        r, c = flat // ink.shape[2], flat % ink.shape[2]
+        chosen.append(torch.stack([r, c], -1))
+        overlap = ((DIGIT_SIZE - (rows - r[:, None, None]).abs()).clamp(min=0)
+                   * (DIGIT_SIZE - (cols - c[:, None, None]).abs()).clamp(min=0))
+        ink = ink.masked_fill(overlap > MAX_OVERLAP * DIGIT_SIZE**2, -1.0)
+    return torch.stack(chosen, 1).view(B, T, num_digits, 2)
+
+
+@torch.no_grad()
+def read_digits(classifier, frames: torch.Tensor, num_digits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, F, 1, H, W) -> labels and top probabilities (B, F, num_digits) of each frame's digit windows;
+    probability 0 for a window whose ink is outside INK_RANGE."""
+    frames = frames.float().clamp(0, 1)
+    windows = crop_windows(frames[:, :, 0], digit_windows(frames, num_digits))  # (B, F, D, 28, 28)
+    device = next(classifier.parameters()).device
+    probs = classifier(windows.reshape(-1, 1, DIGIT_SIZE, DIGIT_SIZE).to(device)).softmax(-1).cpu()
+    top, labels = probs.max(-1)
+    ink = windows.flatten(-2).mean(-1).reshape(-1).cpu()
+    digit_like = (ink >= INK_RANGE[0]) & (ink <= INK_RANGE[1])
+    return labels.view(windows.shape[:3]), torch.where(digit_like, top, torch.zeros_like(top)).view(windows.shape[:3])
+
+
+def generation_scores(labels: torch.Tensor, top: torch.Tensor, videos: torch.Tensor) -> dict:
+    """The set's scores (module docstring) from ``read_digits``' labels and probabilities and the videos."""
+    confident = top >= CONFIDENT  # (B, F, D)
+    first = [set(labels[b, 0][confident[b, 0]].tolist()) for b in range(len(labels))]
+    kept = [np.mean([len(first[b] & set(labels[b, t].tolist())) / len(first[b]) for t in range(1, labels.shape[1])])
+            for b in range(len(labels)) if first[b] and labels.shape[1] > 1]
+    counts = torch.bincount(labels[confident], minlength=10).double()
+    p = counts[counts > 0] / counts.sum() if counts.sum() > 0 else counts[:0]
+    pairs = videos.float() - videos.float().roll(1, dims=0)
+    return {"confident": confident.float().mean().item(), "confidence": top.mean().item(),
+            "identity_kept": float(np.mean(kept)) if kept else None,
+            "label_entropy": float(-(p * p.log2()).sum()) if len(p) else 0.0,
+            "pairwise_mse": pairs.pow(2).mean().item() if len(videos) > 1 else None,
+            "confident_per_frame": confident.float().mean((0, 2)).tolist()}
+
+
+def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
+    """--task generate: draws, scores and writes (metrics.json, summary.md, curves.png, generated.gif)."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    machine = machine_state()
+    tqdm.write(f"machine: {machine['cpu']}, {machine['threads']} threads, load average {machine['load_average'][0]:.2f}")
+    device = resolve_device(config.device)
+    precision = precision_info(config.precision, device, fp32="fp32")
+    tqdm.write(describe_precision(precision))
+    asked, config = config, dataclasses.replace(config, precision=precision["resolved"])
+    tqdm.write(f"loading the pipeline {config.model}")
+    pipe = MCVDPipeline.from_pretrained(config.model)
+    check_task(pipe.unet, "generate", config.num_frames)
+    shipped = shipped_sampler(pipe)
+    samplers = list(dict.fromkeys(SamplerSpec.parse(shipped) if spec is None else spec for spec in requested))
+    tqdm.write(f"generation: {config.num_clips} videos of {config.num_frames} frames per sampler, beside "
+               f"{config.num_clips} real test clips and noise (samples_per_clip does not apply)")
+    clips, test_info = load_test_clips(config)
+    if config.num_frames > clips.shape[1]:
+        raise ValueError(f"the test clips hold {clips.shape[1]} frames, fewer than num_frames={config.num_frames}")
+    i3d = load_i3d(config.fvd_weights, device) if config.fvd else None
+    fvd_weights = None if i3d is None else ("random (tests only)" if config.fvd_weights == "random"
+                                            else f"sha256:{sha256_file(resolve_weights(config.fvd_weights))}")
+    classifier = load_digit_classifier(device=device)
+    num_digits = int(test_info.get("num_digits", 2))
+    real = clips_to_video(clips)[:, : config.num_frames]
+    noise_generator = torch.Generator().manual_seed(config.seed)
+    noise = ((torch.randn(real.shape, generator=noise_generator) + 1) / 2).clamp(0, 1)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_outputs(out)
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+
+    sets, rows = {REAL: real, NOISE: noise}, {}
+    trained_config = pipe.scheduler.config
+    n = config.num_clips
+    with tqdm(total=len(samplers) * n, desc="generate", unit="video") as progress:
+        for sampler in samplers:
+            progress.set_postfix(sampler=str(sampler))
+            pipe.scheduler = sampler.build(trained_config)
+            videos, seconds = [], 0.0
+            for start in range(0, n, config.batch_size):
+                index = torch.arange(start, min(start + config.batch_size, n))
+                generators = _video_generators(device, config.seed, index, torch.zeros_like(index))
+                begin = time.perf_counter()
+                with autocast(config.precision, device):
+                    videos.append(pipe(None, batch_size=len(index), num_frames=config.num_frames,
+                                       num_inference_steps=sampler.steps, generator=generators).frames.cpu().float())
+                synchronize(device)
+                seconds += time.perf_counter() - begin
+                progress.update(len(index))
+            sets[str(sampler)] = torch.cat(videos)
+            rows[str(sampler)] = {"kind": "sampler", "steps": sampler.steps,
+                                  "timing": {"seconds_per_video_amortized": seconds / n, "batch_size": config.batch_size}}
+            if config.timing:
+                rows[str(sampler)]["timing"].update(_time_batch1(pipe, None, sampler.steps, config.num_frames, device,
+                                                                 config.precision))
+    real_features = None
+    for label, videos in tqdm(sets.items(), desc="score", unit="set"):
+        row = rows.setdefault(label, {"kind": "reference", "timing": {}})
+        row["scores"] = generation_scores(*read_digits(classifier, videos, num_digits), videos)
+        if i3d is not None:
+            features = i3d_features(videos, i3d, batch_size=config.batch_size, resize_to=config.fvd_size)[:, None]
+            real_features = features[:, 0] if label == REAL else real_features
+            row["scores"]["fvd"] = fvd_from_features(features, real_features, config.fvd_pooling)
+    record = {"task": "generate", "model": str(config.model), "model_config": dict(pipe.unet.config),
+              "eval_config": dataclasses.asdict(asked), "data_source": test_info["data_source"],
+              "device": device_name(device), "machine": machine, "precision": precision, "versions": versions(),
+              "git_commit": _git_commit(), "command": " ".join(["eval_mcvd.py", *sys.argv[1:]]),
+              "shipped_sampler": shipped, "num_digits": num_digits, "confident_probability": CONFIDENT,
+              "ink_range": INK_RANGE, "classifier": f"sha256:{weights_sha256()}",
+              "fvd": None if i3d is None else {"weights": fvd_weights, "frame_size": config.fvd_size}, "rows": rows}
+    _write_generation_outputs(out, record, sets, config.gif_clips)
+    if config.update_model_card:
+        record_task_evaluation(Path(config.model), "generate", record, generation_table(record))
+    return record
+
+
+def generation_table(record: dict) -> str:
+    with_fvd = record.get("fvd") is not None
+    header = ["row", "steps", "s/video (batch 1)", "s/video (amortized)", "confident digit", "confidence",
+              "identity kept", "label entropy (bits)", "pairwise MSE", *(["FVD"] if with_fvd else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in record["rows"].items():
+        scores, timing = row["scores"], row["timing"]
+        shown = f"{label} (shipped)" if label == record.get("shipped_sampler") else label
+        cells = [shown, str(row.get("steps", "")),
+                 "" if "seconds_per_video_batch1" not in timing else f"{timing['seconds_per_video_batch1']:.3g}",
+                 "" if "seconds_per_video_amortized" not in timing else f"{timing['seconds_per_video_amortized']:.3g}"]
+        cells += ["n/a" if scores[name] is None else f"{scores[name]:.3f}" for name in SCORES]
+        if with_fvd:
+            cells.append(f"{scores['fvd']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_generation_outputs(out: Path, record: dict, sets: dict, gif_videos: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = generation_table(record)
+    machine = record["machine"]
+    (out / "summary.md").write_text(
+        f"# Unconditional generation of {record['model']}\n\n{record['eval_config']['num_clips']} videos of "
+        f"{record['eval_config']['num_frames']} frames per row, no frames in; real test clips ({record['data_source']})"
+        f" and noise for reference. Digit windows: the {record['num_digits']} windows of most ink per frame, read by "
+        f"the digit classifier; confident: top probability >= {CONFIDENT}. Device {record['device']} "
+        f"({machine['cpu']}, native bf16: {'yes' if machine['cpu_native_bf16'] else 'no'}, {machine['threads']} "
+        f"threads).\n\n{table}\n")
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, row in record["rows"].items():
+        curve = row["scores"]["confident_per_frame"]
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=label,
+                linestyle="--" if row["kind"] == "reference" else "-")
+    ax.set_xlabel("generated frame")
+    ax.set_title("digit windows read confidently", fontsize=10)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    if gif_videos > 0:  # one row per set: real clips, then each sampler's videos
+        shown = {label: videos[:gif_videos] for label, videos in sets.items() if label != NOISE}
+        frames = []
+        for t in range(record["eval_config"]["num_frames"]):
+            grid = np.concatenate([np.concatenate([_tile(video[t], 2, (255, 255, 255) if label == REAL else (220, 50, 50))
+                                                   for video in videos], axis=1) for label, videos in shown.items()])
+            frames.append(grid)
+        export_to_gif([PIL.Image.fromarray(f) for f in frames], str(out / "generated.gif"), fps=4)
+    tmp = out / ".metrics.json.partial"
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, out / "metrics.json")
+
