@@ -349,10 +349,27 @@ def evaluate(config: EvalConfig) -> dict:
         return _evaluate(config, requested)
 
 
-def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
+@dataclass
+class Setup:
+    """What every task starts from: the config as asked and as it runs, the machine, device and precision,
+    the pipeline and the samplers to run."""
+    asked: EvalConfig
+    config: EvalConfig  # precision resolved (and, for interpolation, num_frames set to the gap)
+    machine: dict
+    device: torch.device
+    precision: dict
+    pipe: MCVDPipeline
+    shipped: str | None
+    samplers: list[SamplerSpec]
+    trained_scheduler_config: dict  # every sampler is built from the pipeline's own scheduler config
+
+
+def start(config: EvalConfig, requested: list[SamplerSpec | None]) -> Setup:
+    """Threads, the machine's state (before any work: how busy it was), device, precision, the pipeline and
+    the samplers (``shipped`` resolved), each checked before any sampling."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    machine = machine_state()  # before any work: how busy the machine was when the evaluation started
+    machine = machine_state()
     tqdm.write(f"machine: {machine['cpu']}, {machine['threads']} threads, load average {machine['load_average'][0]:.2f}")
     device = resolve_device(config.device)
     precision = precision_info(config.precision, device, fp32="fp32")  # auto resolved once, recorded in metrics.json
@@ -365,15 +382,23 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
         raise ValueError(f"--samplers {SHIPPED}: {config.model} ships with {type(pipe.scheduler).__name__}, which is "
                          f"none of the named samplers {sorted(SAMPLERS)}; name the sampler instead")
     samplers = list(dict.fromkeys(SamplerSpec.parse(shipped) if spec is None else spec for spec in requested))
+    if config.task == "interpolate":  # the gap the model fills
+        config = dataclasses.replace(config, num_frames=pipe.unet.config.num_current_frames)
+        asked = dataclasses.replace(asked, num_frames=config.num_frames)  # what metrics.json records
+    check_task(pipe.unet, config.task, config.num_frames)
+    return Setup(asked, config, machine, device, precision, pipe, shipped, samplers, pipe.scheduler.config)
+
+
+def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
+    """Prediction and interpolation: every sampler and the baselines on the same clips, scored per frame."""
+    setup = start(config, requested)
+    config, pipe, device = setup.config, setup.pipe, setup.device
     unet_cfg = pipe.unet.config
     num_past = unet_cfg.num_past_frames
     num_after = unet_cfg.num_future_frames if config.task == "interpolate" else 0
-    if config.task == "interpolate":  # the gap the model fills
-        config = dataclasses.replace(config, num_frames=unet_cfg.num_current_frames)
-        asked = dataclasses.replace(asked, num_frames=config.num_frames)  # what metrics.json records
+    if num_after:
         tqdm.write(f"interpolation: {num_past} past and {num_after} future frames in, the {config.num_frames} "
                    "between them out")
-    check_task(pipe.unet, config.task, config.num_frames)
     tqdm.write(f"loading {config.num_clips} clips of the {config.test_set} test set")
     clips, test_info, layout = load_test_clips(config, with_layout=True)
     if num_past + config.num_frames + num_after > clips.shape[1]:
@@ -382,11 +407,7 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     if tuple(clips.shape[2:]) != pipe.unet.frame_shape[1:] or pipe.unet.frame_shape[0] != 1:
         raise ValueError(f"the test frames are 1x{clips.shape[2]}x{clips.shape[3]}, the model expects "
                          f"{'x'.join(map(str, pipe.unet.frame_shape))}")
-    i3d, fvd_weights = None, None
-    if config.fvd:  # before any sampling: weights that cannot be found or loaded fail here
-        i3d = load_i3d(config.fvd_weights, device)
-        fvd_weights = ("random (tests only)" if config.fvd_weights == "random"
-                       else f"sha256:{sha256_file(resolve_weights(config.fvd_weights))}")
+    i3d, fvd_weights = load_fvd_network(config, device)
     digits = None
     if layout is None:
         tqdm.write(f"digit identity: skipped, the {config.test_set} test set records no digit positions")
@@ -396,7 +417,6 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     frame_metrics = FrameMetrics(device)
-    metric_names = (*frame_metrics.metrics, *([DIGIT_ACC] if digits is not None else []))
     video = clips_to_video(clips)
     past, future = video[:, :num_past], video[:, num_past : num_past + config.num_frames]
     after = video[:, num_past + config.num_frames :][:, :num_after] if num_after else None  # interpolation's input
@@ -409,44 +429,94 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     (out / "cache").mkdir(parents=True, exist_ok=True)
     clear_outputs(out)  # an earlier run's results must not look like this run's if it is interrupted
 
-    rows: dict[str, dict] = {}
     baselines = ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames)),
                  *([(CROSS_FADE, cross_fade(past, after, config.num_frames))] if after is not None else []))
+    scored = Scoring(frame_metrics, digits, i3d, real_features, past, future, after)
+    rows = score_baselines(baselines, scored, config)
+    sampler_rows, gifs = run_samplers(setup, scored, test_info, fvd_weights)
+    rows.update(sampler_rows)
+    for row in rows.values():
+        row["metrics"] = aggregate(row.pop("per_frame"))
+    fvd = None if i3d is None else {"weights": fvd_weights, "include_past": config.fvd_include_past,
+                                    "pooling": config.fvd_pooling, "frame_size": config.fvd_size}
+    record = make_record(setup.asked, dict(unet_cfg), test_info, device_name(device), setup.shipped, fvd, rows)
+    record["machine"] = setup.machine
+    # the classifier and the overlap rule, or why digit identity was skipped (report.py writes either)
+    record["digit_identity"] = ({"skipped": f"the {config.test_set} test set records no digit positions"}
+                                if digits is None else digits.describe())
+    record["precision"] = setup.precision  # asked for, run, why; the CPU's model and native bf16
+    write_outputs(out, record, past[: config.gif_clips], future[: config.gif_clips], gifs)
+    if config.update_model_card:
+        update_model_card(Path(config.model), record)
+    return record
+
+
+def load_fvd_network(config: EvalConfig, device) -> tuple[I3D | None, str | None]:
+    """The I3D network and a description of its weights with --fvd, else (None, None); before any sampling,
+    so that weights that cannot be found or loaded fail first."""
+    if not config.fvd:
+        return None, None
+    weights = ("random (tests only)" if config.fvd_weights == "random"
+               else f"sha256:{sha256_file(resolve_weights(config.fvd_weights))}")
+    return load_i3d(config.fvd_weights, device), weights
+
+
+@dataclass
+class Scoring:
+    """The clips' frames and the scorers every row is measured with."""
+    frame_metrics: FrameMetrics
+    digits: DigitIdentity | None
+    i3d: I3D | None
+    real_features: torch.Tensor | None
+    past: torch.Tensor
+    future: torch.Tensor  # the frames scored against: the predicted frames' truth, or the gap's
+    after: torch.Tensor | None  # interpolation: the frames after the gap, given to the model
+
+
+def score_baselines(baselines, scored: Scoring, config: EvalConfig) -> dict[str, dict]:
+    """Rows for the baselines (label, frames): scored per frame in batches, with digit identity and FVD."""
+    rows, future = {}, scored.future
     # scoring the baselines takes minutes on 256 clips (LPIPS-VGG, digit identity): shown, not silent
-    baseline_progress = tqdm(total=len(baselines) * len(future), desc="score baselines", unit="video")
-    for label, prediction in baselines:
-        baseline_progress.set_postfix(row=label)
-        parts, digit_parts = [], []
-        # in batches, like the samplers: LPIPS-VGG on every frame of 256 clips at once needs over 20 GiB
-        for i in range(0, len(future), config.batch_size):
-            batch = slice(i, i + config.batch_size)
-            parts.append(frame_metrics(prediction[batch], future[batch]))
-            if digits is not None:
-                digit_parts.append(digits(prediction[batch], batch))
-            baseline_progress.update(len(future[batch]))
-        per_frame = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-        if digits is not None:
-            per_frame[DIGIT_ACC] = torch.cat(digit_parts)
-        rows[label] = {"kind": "baseline", "samples_per_clip": 1,
-                       "per_frame": {k: v[:, None] for k, v in per_frame.items()}, "timing": {}}
-        if i3d is not None:
-            rows[label]["fvd"] = fvd_from_features(video_features(i3d, past, prediction, config)[:, None],
-                                                   real_features, config.fvd_pooling)
-    baseline_progress.close()
-    gifs = {}
-    total = len(samplers) * len(past) * config.samples_per_clip
-    trained_config = pipe.scheduler.config  # every sampler is built from the pipeline's own scheduler config
-    with tqdm(total=total, desc="evaluate", unit="video") as progress:
-        for sampler in samplers:
+    with tqdm(total=len(baselines) * len(future), desc="score baselines", unit="video") as progress:
+        for label, prediction in baselines:
+            progress.set_postfix(row=label)
+            parts, digit_parts = [], []
+            # in batches, like the samplers: LPIPS-VGG on every frame of 256 clips at once needs over 20 GiB
+            for i in range(0, len(future), config.batch_size):
+                batch = slice(i, i + config.batch_size)
+                parts.append(scored.frame_metrics(prediction[batch], future[batch]))
+                if scored.digits is not None:
+                    digit_parts.append(scored.digits(prediction[batch], batch))
+                progress.update(len(future[batch]))
+            per_frame = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+            if scored.digits is not None:
+                per_frame[DIGIT_ACC] = torch.cat(digit_parts)
+            rows[label] = {"kind": "baseline", "samples_per_clip": 1,
+                           "per_frame": {k: v[:, None] for k, v in per_frame.items()}, "timing": {}}
+            if scored.i3d is not None:
+                features = video_features(scored.i3d, scored.past, prediction, config)[:, None]
+                rows[label]["fvd"] = fvd_from_features(features, scored.real_features, config.fvd_pooling)
+    return rows
+
+
+def run_samplers(setup: Setup, scored: Scoring, test_info: dict, fvd_weights: str | None):
+    """A row per sampler (each reused from the cache when its key matches) and the GIF clips' predictions."""
+    config, pipe = setup.config, setup.pipe
+    past, digits = scored.past, scored.digits
+    metric_names = (*scored.frame_metrics.metrics, *([DIGIT_ACC] if digits is not None else []))
+    rows, gifs = {}, {}
+    with tqdm(total=len(setup.samplers) * len(past) * config.samples_per_clip, desc="evaluate", unit="video") as progress:
+        for sampler in setup.samplers:
             spec, steps = str(sampler), sampler.steps
             progress.set_postfix(sampler=spec)
-            pipe.scheduler = sampler.build(trained_config)
-            cache = out / "cache" / f"{sampler.name.replace('+', 'p')}-{steps}.npz"
+            pipe.scheduler = sampler.build(setup.trained_scheduler_config)
+            cache = Path(config.out) / "cache" / f"{sampler.name.replace('+', 'p')}-{steps}.npz"
             key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), steps, fvd_weights,
                              None if digits is None else digits.weights)
             result = _load_cache(cache, key, metric_names)
             if result is None:
-                result = run_sampler(pipe, frame_metrics, past, future, steps, config, progress, i3d, digits, after)
+                result = run_sampler(pipe, scored.frame_metrics, past, scored.future, steps, config, progress,
+                                     scored.i3d, digits, scored.after)
                 _save_cache(cache, key, result)
             else:
                 progress.update(len(past) * config.samples_per_clip)
@@ -454,27 +524,13 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
             rows[spec] = {"kind": "sampler", "scheduler": type(pipe.scheduler).__name__, "steps": steps,
                           "scheduler_config": dict(pipe.scheduler.config), "samples_per_clip": config.samples_per_clip,
                           "per_frame": result["per_frame"], "timing": result["timing"]}
-            if i3d is not None:
-                rows[spec]["fvd"] = fvd_from_features(result["fvd_features"], real_features, config.fvd_pooling)
+            if scored.i3d is not None:
+                rows[spec]["fvd"] = fvd_from_features(result["fvd_features"], scored.real_features, config.fvd_pooling)
             if config.stretch:
                 rows[f"{spec} + stretch"] = {**rows[spec], "kind": "sampler, stretched", "fvd": None,
                                              "per_frame": result["stretched"]}
             gifs[spec] = result["gif"]
-
-    for row in rows.values():
-        row["metrics"] = aggregate(row.pop("per_frame"))
-    fvd = None if i3d is None else {"weights": fvd_weights, "include_past": config.fvd_include_past,
-                                    "pooling": config.fvd_pooling, "frame_size": config.fvd_size}
-    record = make_record(asked, dict(unet_cfg), test_info, device_name(device), shipped, fvd, rows)
-    record["machine"] = machine
-    # the classifier and the overlap rule, or why digit identity was skipped (report.py writes either)
-    record["digit_identity"] = ({"skipped": f"the {config.test_set} test set records no digit positions"}
-                                if digits is None else digits.describe())
-    record["precision"] = precision  # asked for, run, why; the CPU's model and native bf16
-    write_outputs(out, record, past[: config.gif_clips], future[: config.gif_clips], gifs)
-    if config.update_model_card:
-        update_model_card(Path(config.model), record)
-    return record
+    return rows, gifs
 
 
 def shipped_sampler(pipe: MCVDPipeline) -> str | None:

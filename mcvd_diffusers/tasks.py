@@ -38,15 +38,10 @@ from tqdm.auto import tqdm
 
 from .data.moving_mnist import clips_to_video
 from .digit_classifier import DIGIT_SIZE, MAX_OVERLAP, crop_windows, load_digit_classifier, weights_sha256
-from .evaluation import (EvalConfig, _time_batch1, _video_generators, check_task, load_test_clips,
-                         shipped_sampler)
+from .evaluation import EvalConfig, _time_batch1, _video_generators, load_fvd_network, load_test_clips, start
 from .fvd import fvd_from_features, i3d_features
-from .models.i3d import load_i3d, resolve_weights
-from .integrity import sha256_file
-from .pipeline_mcvd import MCVDPipeline
 from .report import _git_commit, _tile, clear_outputs, record_task_evaluation
-from .runtime import (autocast, describe_precision, device_name, machine_state, precision_info, resolve_device,
-                      synchronize, versions)
+from .runtime import autocast, device_name, synchronize, versions
 from .schedulers import SamplerSpec
 
 CONFIDENT = 0.9  # top softmax probability of a confident read
@@ -110,27 +105,15 @@ def generation_scores(labels: torch.Tensor, top: torch.Tensor, videos: torch.Ten
 
 def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     """--task generate: draws, scores and writes (metrics.json, summary.md, curves.png, generated.gif)."""
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    machine = machine_state()
-    tqdm.write(f"machine: {machine['cpu']}, {machine['threads']} threads, load average {machine['load_average'][0]:.2f}")
-    device = resolve_device(config.device)
-    precision = precision_info(config.precision, device, fp32="fp32")
-    tqdm.write(describe_precision(precision))
-    asked, config = config, dataclasses.replace(config, precision=precision["resolved"])
-    tqdm.write(f"loading the pipeline {config.model}")
-    pipe = MCVDPipeline.from_pretrained(config.model)
-    check_task(pipe.unet, "generate", config.num_frames)
-    shipped = shipped_sampler(pipe)
-    samplers = list(dict.fromkeys(SamplerSpec.parse(shipped) if spec is None else spec for spec in requested))
+    setup = start(config, requested)  # machine, device, precision, pipeline, samplers; checks the task
+    asked, config, pipe, device, machine = setup.asked, setup.config, setup.pipe, setup.device, setup.machine
+    samplers, shipped, precision = setup.samplers, setup.shipped, setup.precision
     tqdm.write(f"generation: {config.num_clips} videos of {config.num_frames} frames per sampler, beside "
                f"{config.num_clips} real test clips and noise (samples_per_clip does not apply)")
     clips, test_info = load_test_clips(config)
     if config.num_frames > clips.shape[1]:
         raise ValueError(f"the test clips hold {clips.shape[1]} frames, fewer than num_frames={config.num_frames}")
-    i3d = load_i3d(config.fvd_weights, device) if config.fvd else None
-    fvd_weights = None if i3d is None else ("random (tests only)" if config.fvd_weights == "random"
-                                            else f"sha256:{sha256_file(resolve_weights(config.fvd_weights))}")
+    i3d, fvd_weights = load_fvd_network(config, device)
     classifier = load_digit_classifier(device=device)
     num_digits = int(test_info.get("num_digits", 2))
     real = clips_to_video(clips)[:, : config.num_frames]
@@ -145,29 +128,10 @@ def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None])
         (out / name).unlink(missing_ok=True)
 
     sets, rows = {REAL: real, NOISE: noise}, {}
-    trained_config = pipe.scheduler.config
-    n = config.num_clips
-    with tqdm(total=len(samplers) * n, desc="generate", unit="video") as progress:
+    with tqdm(total=len(samplers) * config.num_clips, desc="generate", unit="video") as progress:
         for sampler in samplers:
             progress.set_postfix(sampler=str(sampler))
-            pipe.scheduler = sampler.build(trained_config)
-            videos, seconds = [], 0.0
-            for start in range(0, n, config.batch_size):
-                index = torch.arange(start, min(start + config.batch_size, n))
-                generators = _video_generators(device, config.seed, index, torch.zeros_like(index))
-                begin = time.perf_counter()
-                with autocast(config.precision, device):
-                    videos.append(pipe(None, batch_size=len(index), num_frames=config.num_frames,
-                                       num_inference_steps=sampler.steps, generator=generators).frames.cpu().float())
-                synchronize(device)
-                seconds += time.perf_counter() - begin
-                progress.update(len(index))
-            sets[str(sampler)] = torch.cat(videos)
-            rows[str(sampler)] = {"kind": "sampler", "steps": sampler.steps,
-                                  "timing": {"seconds_per_video_amortized": seconds / n, "batch_size": config.batch_size}}
-            if config.timing:
-                rows[str(sampler)]["timing"].update(_time_batch1(pipe, None, sampler.steps, config.num_frames, device,
-                                                                 config.precision))
+            sets[str(sampler)], rows[str(sampler)] = generate_videos(setup, sampler, progress)
     real_features = None
     for label, videos in tqdm(sets.items(), desc="score", unit="set"):
         row = rows.setdefault(label, {"kind": "reference", "timing": {}})
@@ -187,6 +151,29 @@ def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None])
     if config.update_model_card:
         record_task_evaluation(Path(config.model), "generate", record, generation_table(record))
     return record
+
+
+def generate_videos(setup, sampler: SamplerSpec, progress) -> tuple[torch.Tensor, dict]:
+    """``num_clips`` videos drawn with ``sampler`` (one seeded generator each, in batches) and their row
+    (steps, amortized time, and the batch-1 latency with ``timing``)."""
+    config, pipe, device = setup.config, setup.pipe, setup.device
+    pipe.scheduler = sampler.build(setup.trained_scheduler_config)
+    videos, seconds, n = [], 0.0, config.num_clips
+    for start_index in range(0, n, config.batch_size):
+        index = torch.arange(start_index, min(start_index + config.batch_size, n))
+        generators = _video_generators(device, config.seed, index, torch.zeros_like(index))
+        begin = time.perf_counter()
+        with autocast(config.precision, device):
+            videos.append(pipe(None, batch_size=len(index), num_frames=config.num_frames,
+                               num_inference_steps=sampler.steps, generator=generators).frames.cpu().float())
+        synchronize(device)
+        seconds += time.perf_counter() - begin
+        progress.update(len(index))
+    row = {"kind": "sampler", "steps": sampler.steps,
+           "timing": {"seconds_per_video_amortized": seconds / n, "batch_size": config.batch_size}}
+    if config.timing:
+        row["timing"].update(_time_batch1(pipe, None, sampler.steps, config.num_frames, device, config.precision))
+    return torch.cat(videos), row
 
 
 def generation_table(record: dict) -> str:
