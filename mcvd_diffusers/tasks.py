@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import torch
 import torch.nn.functional as F
 from diffusers.utils import export_to_gif
@@ -51,6 +52,7 @@ INK_RANGE = (0.05, 0.42)
 LOCATOR_SIGMA = 7.0  # pixels: the Gaussian weight that centres each window on its digit
 REAL, NOISE = "real test clips", "noise"
 SCORES = ("confident", "confidence", "identity_kept", "label_entropy", "pairwise_mse")
+LABEL_WIDTH = 80  # pixels of the GIF's row labels
 OUTPUTS = ("metrics.json", "summary.md", "curves.png", "generated.gif")
 
 
@@ -222,14 +224,22 @@ def _write_generation_outputs(out: Path, record: dict, sets: dict, gif_videos: i
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
-    if gif_videos > 0:  # one row per set: real clips, then each sampler's videos
+    if gif_videos > 0:  # one row per set: real clips, then each sampler's videos, named on the left
         shown = {label: videos[:gif_videos] for label, videos in sets.items() if label != NOISE}
         frames = []
         for t in range(record["eval_config"]["num_frames"]):
-            grid = np.concatenate([np.concatenate([_tile(video[t], 2, (255, 255, 255) if label == REAL else (220, 50, 50))
-                                                   for video in videos], axis=1) for label, videos in shown.items()])
-            frames.append(grid)
-        export_to_gif([PIL.Image.fromarray(f) for f in frames], str(out / "generated.gif"), fps=4)
+            rows = [np.concatenate([_tile(video[t], 2, (255, 255, 255) if label == REAL else (220, 50, 50))
+                                    for video in videos], axis=1) for label, videos in shown.items()]
+            grid = np.concatenate(rows)
+            image = PIL.Image.new("RGB", (grid.shape[1] + LABEL_WIDTH, grid.shape[0] + 16))
+            draw = PIL.ImageDraw.Draw(image)
+            for i, label in enumerate(shown):
+                draw.text((3, 16 + i * rows[0].shape[0] + 4), "real clips" if label == REAL else label,
+                          fill=(255, 255, 255))
+            draw.text((LABEL_WIDTH + 3, 2), f"frame {t + 1}", fill=(160, 160, 160))
+            image.paste(PIL.Image.fromarray(grid), (LABEL_WIDTH, 16))
+            frames.append(image)
+        export_to_gif(frames, str(out / "generated.gif"), fps=4)
     tmp = out / ".metrics.json.partial"
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, out / "metrics.json")
