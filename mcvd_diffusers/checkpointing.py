@@ -50,29 +50,29 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(spec: str, checkpoints_dir: str | Path) -> Path | None:
+def resolve_checkpoint(spec: str, checkpoints_dir: str | Path) -> tuple[Path, dict] | None:
     """``"latest"`` -> the newest complete checkpoint that verifies (None when there is none; a newer one
-    that fails to verify is skipped with a warning naming both); else the folder ``spec``, verified."""
+    that fails to verify is skipped with a warning naming both); else the folder ``spec``, verified.
+    Returns the folder and its trainer state, read once: ``load_checkpoint`` takes both."""
     if spec != "latest":
         path = Path(spec)
         if not (path / STATE_FILE).is_file():
             complete = [p.name for p in list_checkpoints(checkpoints_dir)]
             raise FileNotFoundError(f"{path} is not a complete training checkpoint ({STATE_FILE} is missing); "
                                     f"complete ones under {checkpoints_dir}: {complete}")
-        verify_checkpoint(path)
-        return path
+        return path, verify_checkpoint(path)
     found = list_checkpoints(checkpoints_dir)
     failures = []
     for path in reversed(found):
         try:
-            verify_checkpoint(path)
+            state = verify_checkpoint(path)
         except (ValueError, FileNotFoundError, OSError) as e:
             failures.append(f"{path.name}: {e}")
             continue
         if failures:
             warnings.warn(f"resuming from {path} instead of the newer checkpoint(s) that failed to load: "
                           + "; ".join(failures), stacklevel=2)
-        return path
+        return path, state
     if failures:
         raise ValueError(f"no checkpoint under {checkpoints_dir} can be resumed: " + "; ".join(failures))
     return None
@@ -241,12 +241,11 @@ def read_ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupt or truncated ({e})") from e
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, model: torch.nn.Module, ema: EMAModel,
-                    parameter_names: list[str]) -> dict:
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: dict, model: torch.nn.Module, ema: EMAModel,
+                    parameter_names: list[str]) -> None:
     """Restores everything ``save_checkpoint`` wrote (``model``: the unwrapped model; the EMA and the
-    generator through the hooks); returns the trainer state. Tensors that are missing, unexpected or
-    non-finite are refused before any is loaded."""
-    state = verify_checkpoint(checkpoint)
+    generator through the hooks) from a checkpoint ``resolve_checkpoint`` verified and read (``state``).
+    Tensors that are missing, unexpected or non-finite are refused before any is loaded."""
     if state["num_processes"] != accelerator.num_processes:
         raise ValueError(f"{checkpoint} was written by {state['num_processes']} processes; resume it with the same "
                          f"number (this run has {accelerator.num_processes}): each process has its own data stream")
@@ -271,4 +270,3 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, model: torch.nn.
         accelerator.load_state(str(checkpoint))
     except (OSError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"cannot restore {checkpoint}: {e}") from e
-    return state

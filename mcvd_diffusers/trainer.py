@@ -37,7 +37,7 @@ from accelerate.utils import parse_flag_from_env, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .checkpointing import (list_checkpoints, load_checkpoint, read_trainer_state, register_checkpoint_hooks,
+from .checkpointing import (list_checkpoints, load_checkpoint, register_checkpoint_hooks,
                             remove_incomplete, replace_dir, resolve_checkpoint, save_checkpoint)
 from .config import TrainConfig, build_noise_scheduler, build_unet, check_resume_compatible
 from .data.mnist import load_mnist
@@ -144,7 +144,7 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
     accelerator, precision = _make_accelerator(config)
     accelerator.print(describe_precision(precision))
     device = accelerator.device
-    resume = _prepare_output_dir(config, accelerator, Path(config.output_dir), precision["resolved"])
+    resume, resume_state = _prepare_output_dir(config, accelerator, Path(config.output_dir), precision["resolved"])
     set_seed(config.seed)
     unet = build_unet(config)
     if config.init_unet_from and resume is None:
@@ -154,9 +154,9 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
     scheduler = build_noise_scheduler(config)
     train_digits = load_mnist("train", root=config.mnist_root)
     train_fingerprint = digits_fingerprint(train_digits.images)  # a resumed run must draw the same digits
-    if resume is not None and read_trainer_state(resume)["train_digits"] != train_fingerprint:
+    if resume is not None and resume_state["train_digits"] != train_fingerprint:
         raise ValueError(f"cannot resume {resume}: the training digits ({train_digits.source}) are not the ones the "
-                         f"checkpoint was trained on ({read_trainer_state(resume)['data_source']}); mnist_root may "
+                         f"checkpoint was trained on ({resume_state['data_source']}); mnist_root may "
                          "move, not change what it holds")
     data = MovingMNIST(train_digits.images.to(device), image_size=config.image_size, num_digits=config.num_digits,
                        num_frames=unet.clip_length, motion=config.motion)
@@ -182,9 +182,9 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
     register_checkpoint_hooks(accelerator, ema, parameter_names, generator)  # EMA and generators travel with it
     history, step = {"validations": [], "best": None, "train_loss": None}, 0
     if resume is not None:
-        state = load_checkpoint(accelerator, resume, model, ema, parameter_names)
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        step, history = state["step"], state["history"]
+        load_checkpoint(accelerator, resume, resume_state, model, ema, parameter_names)
+        lr_schedule.load_state_dict(resume_state["lr_schedule"])
+        step, history = resume_state["step"], resume_state["history"]
         accelerator.print(f"resumed from {resume} at step {step}")
     if config.report_to == "tensorboard":
         accelerator.init_trackers("logs", config=_hparams(config))
@@ -397,13 +397,15 @@ def _check_output_dir(config: TrainConfig, out: Path, resuming: bool) -> str | N
                      "resume_from_checkpoint=latest to continue it, or overwrite=true to replace it")
 
 
-def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator, out: Path, precision: str) -> Path | None:
-    """Finds the checkpoint to resume (None: a fresh start), checks the folder, marks it as a run's.
-    ``precision``: what this run's mixed_precision resolved to, compared with the checkpoint's."""
+def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator, out: Path, precision: str
+                        ) -> tuple[Path | None, dict | None]:
+    """Finds the checkpoint to resume and its verified trainer state ((None, None): a fresh start), checks the
+    folder, marks it as a run's. ``precision``: what this run's mixed_precision resolved to, compared with the
+    checkpoint's."""
     checkpoints_dir = out / "checkpoints"
-    resume = resolve_checkpoint(config.resume_from_checkpoint, checkpoints_dir) if config.resume_from_checkpoint else None
+    found = resolve_checkpoint(config.resume_from_checkpoint, checkpoints_dir) if config.resume_from_checkpoint else None
+    resume, state = found or (None, None)
     if resume is not None:
-        state = read_trainer_state(resume)
         recorded = state["history"].get("precision")  # absent from checkpoints saved before mixed_precision auto
         saved_precision = recorded.get("resolved") if isinstance(recorded, dict) else None
         check_resume_compatible(state["config"], config, resume, precision, saved_precision)
@@ -417,7 +419,7 @@ def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator, out: Path
         (out / RUN_MARKER).write_text("an output_dir of mcvd-diffusers training: overwrite=true may delete it\n")
         remove_incomplete(checkpoints_dir)  # saves and prunes that were interrupted
     accelerator.wait_for_everyone()
-    return resume
+    return resume, state
 
 
 def _compile(model, unet, scheduler, data, optimizer, accelerator: Accelerator, config: TrainConfig) -> None:
