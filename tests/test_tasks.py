@@ -148,6 +148,15 @@ def test_generation_is_scored_beside_real_clips_and_noise(general_dir, tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["task"] == "generate"
 
 
+def test_generation_fvd_with_random_i3d_weights(general_dir, tmp_path):
+    record = evaluate(eval_config(general_dir, tmp_path, task="generate", num_clips=4, num_frames=10, fvd=True,
+                                  fvd_weights="random", fvd_size=32))
+    rows = record["rows"]
+    assert rows["real test clips"]["scores"]["fvd"] < 1e-6  # the real set against itself
+    assert rows["noise"]["scores"]["fvd"] > 0 and rows["ddim:2"]["scores"]["fvd"] > 0
+    assert "| FVD |" in (tmp_path / "summary.md").read_text()
+
+
 def test_digit_windows_find_the_digits_of_real_clips(mnist_dir):
     from mcvd_diffusers.data.mnist import load_mnist
     from mcvd_diffusers.data.moving_mnist import MovingMNIST
