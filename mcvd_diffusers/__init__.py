@@ -1,6 +1,6 @@
 """mcvd-diffusers: Masked Conditional Video Diffusion (Voleti et al., 2022) as diffusers components."""
 
-from .models.unet_mcvd import PRESETS, MCVDUNet2DModel
+from .unet.unet_mcvd import PRESETS, MCVDUNet2DModel
 from .pipeline_mcvd import MCVDPipeline, MCVDPipelineOutput
 from .schedulers import SAMPLERS, make_noise_scheduler, make_sampler
 

@@ -17,7 +17,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .data.moving_mnist import MOTIONS
 from .lr_schedules import LR_SCHEDULES
-from .models.unet_mcvd import PRESETS, MCVDUNet2DModel
+from .unet.unet_mcvd import PRESETS, MCVDUNet2DModel
 from .runtime import CHOICES_TEXT, PRECISION_CHOICES
 from .schedulers import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, SamplerSpec, make_noise_scheduler
 
@@ -83,8 +83,8 @@ EXPORT_SAMPLER = SamplerSpec("ddim", 50)
 class TrainConfig:
     """Every training option. Configs are plain YAML/JSON dicts of these keys."""
 
-    # model: a preset from models/unet_mcvd.py and MCVD's frame layout
-    preset: str = key("tiny", "the UNet's preset (models/unet_mcvd.py): tiny, cpu, fast or paper")
+    # model: a preset from unet/unet_mcvd.py and MCVD's frame layout
+    preset: str = key("tiny", "the UNet's preset (unet/unet_mcvd.py): tiny, cpu, fast or paper")
     num_past_frames: int = key(5, "conditioning frames")
     num_current_frames: int = key(10, "frames predicted per denoising block")
     num_future_frames: int = key(0, "> 0: future-conditioning slots (interpolation)")

@@ -13,7 +13,7 @@ from .checkpointing import read_ema_weights, replace_dir, verify_checkpoint
 from .config import EXPORT_SAMPLER, TrainConfig, build_noise_scheduler, build_unet
 from .hub import write_model_card
 from .integrity import check_finite, check_tensor_names, explain_disk_full, write_checksums
-from .models.unet_mcvd import MCVDUNet2DModel
+from .unet.unet_mcvd import MCVDUNet2DModel
 from .pipeline_mcvd import MCVDPipeline
 from .remote_code import add_remote_code
 from .schedulers import SamplerSpec

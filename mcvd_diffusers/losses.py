@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from diffusers.video_processor import VideoProcessor
 
-from .models.unet_mcvd import MCVDUNet2DModel
+from .unet.unet_mcvd import MCVDUNet2DModel
 
 
 def draw_keep_mask(

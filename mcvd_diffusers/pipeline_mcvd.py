@@ -24,7 +24,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from .integrity import check_finite, check_tensor_names, verify_checksums
-from .models.unet_mcvd import MCVDUNet2DModel
+from .unet.unet_mcvd import MCVDUNet2DModel
 
 OUTPUT_TYPES = ("pt", "np", "pil")
 # The diffusers schedulers this pipeline's loop drives exactly: given a UNet that predicts a known video

@@ -47,7 +47,7 @@ from .hub import push_to_hub, write_model_card
 from .interrupt import StopOnSignal, TrainingInterrupted
 from .losses import diffusion_loss
 from .lr_schedules import make_lr_schedule
-from .models.unet_mcvd import MCVDUNet2DModel
+from .unet.unet_mcvd import MCVDUNet2DModel
 from .pipeline_mcvd import MCVDPipeline
 from .run_lock import hold_run_folder
 from .runtime import describe_precision, maybe_compile, precision_info, to_channels_last

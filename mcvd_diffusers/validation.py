@@ -14,7 +14,7 @@ from .data.mnist import MNISTDigits
 from .data.moving_mnist import MovingMNIST
 from .losses import denoising_loss
 from .metrics import mse_per_frame, ssim_per_frame
-from .models.unet_mcvd import MCVDUNet2DModel
+from .unet.unet_mcvd import MCVDUNet2DModel
 from .pipeline_mcvd import MCVDPipeline
 from .schedulers import SamplerSpec
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,11 +20,11 @@ from conftest import make_tiny_pipeline
 
 import mcvd_diffusers
 from mcvd_diffusers import MCVDPipeline, MCVDUNet2DModel, make_sampler
-from mcvd_diffusers.remote_code import RemoteCodeError, add_remote_code, render_remote_code
+from mcvd_diffusers.remote_code import add_remote_code
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(mcvd_diffusers.__file__).resolve().parent
-REMOTE_FILES = ["integrity.py", "pipeline_mcvd.py", "unet/unet_mcvd.py"]
+REMOTE_FILES = ["pipeline_mcvd.py", "integrity.py", "unet/unet_mcvd.py"]
 HUB_REPO, HUB_COMMIT = "someone/mcvd-tiny", "0123456789abcdef0123456789abcdef01234567"
 PAST_SEED, NOISE_SEED, STEPS = 5, 0, 2
 
@@ -213,7 +212,7 @@ def test_mcvd_pipeline_loads_the_export_with_the_package_classes(exported, tmp_p
     pipe.save_pretrained(tmp_path / "again")
     index = json.loads((tmp_path / "again" / "model_index.json").read_text())
     assert index["_class_name"] == "MCVDPipeline"
-    assert index["unet"] == ["mcvd_diffusers.models.unet_mcvd", "MCVDUNet2DModel"]
+    assert index["unet"] == ["mcvd_diffusers.unet.unet_mcvd", "MCVDUNet2DModel"]
 
 
 def test_the_export_is_deterministic_and_machine_independent(tiny, exported, tmp_path):
@@ -228,68 +227,63 @@ def test_the_export_is_deterministic_and_machine_independent(tiny, exported, tmp
     assert not (other / "old_remote_code.py").exists() and (other / "notes.py").exists()
     for name in REMOTE_FILES + ["model_index.json"]:
         assert (other / name).read_bytes() == (folder / name).read_bytes(), name
-    for name in REMOTE_FILES:
+    for name in REMOTE_FILES:  # the package's files, unchanged: no path of the exporting machine
+        assert (folder / name).read_bytes() == (PACKAGE_DIR / name).read_bytes(), name
         text = (folder / name).read_text()
         for path in {str(REPO), str(PACKAGE_DIR), str(folder), str(tmp_path), str(Path.home())}:
             assert path not in text, (name, path)
-    assert "from .unet.unet_mcvd import MCVDUNet2DModel" in (folder / "pipeline_mcvd.py").read_text()
 
 
-PACKAGE_INDEX = {"_class_name": "MCVDPipeline", "_diffusers_version": "0.42.1", "default_num_inference_steps": 20,
-                 "scheduler": ["diffusers", "DDIMScheduler"],
-                 "unet": ["mcvd_diffusers.models.unet_mcvd", "MCVDUNet2DModel"]}
+# The patterns diffusers (utils/dynamic_modules_utils.py) reads a module file's imports with: what it fetches
+# beside the file (relative) and what it checks is installed (absolute). They also match text in docstrings.
+DIFFUSERS_RELATIVE = (re.compile(r"^\s*import\s+\.(\S+)\s*$", re.M), re.compile(r"^\s*from\s+\.(\S+)\s+import", re.M))
+DIFFUSERS_ABSOLUTE = (re.compile(r"^\s*import\s+(\S+)\s*$", re.M), re.compile(r"^\s*from\s+(\S+)\s+import", re.M))
+LIBRARIES = {"torch", "numpy", "PIL", "diffusers", "huggingface_hub", "safetensors"}
 
 
-def fake_package(tmp_path: Path, pipeline_extra: str = "", unet_extra: str = "", drop_unet_import=False) -> Path:
-    """A copy of the package's sources that remote_code reads, with lines added to its modules."""
-    package = tmp_path / "package"
-    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__", "data"))
-    pipeline = (package / "pipeline_mcvd.py").read_text()
-    if drop_unet_import:
-        pipeline = re.sub(r"(?m)^from \.models\.unet_mcvd import .*\n", "", pipeline)
-    (package / "pipeline_mcvd.py").write_text(pipeline + pipeline_extra)
-    (package / "models" / "unet_mcvd.py").write_text((package / "models" / "unet_mcvd.py").read_text() + unet_extra)
-    return package
+@pytest.mark.parametrize("name, relative", [("pipeline_mcvd.py", {"integrity", "unet.unet_mcvd"}),
+                                            ("integrity.py", set()), ("unet/unet_mcvd.py", set())])
+def test_the_copied_files_stand_alone(name, relative):
+    """What diffusers reads from each file: the relative imports are the other copied files (a component file
+    is loaded on its own, so it has none), the rest are the standard library and diffusers' own dependencies."""
+    text = (PACKAGE_DIR / name).read_text()
+    assert {m for pattern in DIFFUSERS_RELATIVE for m in pattern.findall(text)} == relative
+    assert {m.replace(".", "/") + ".py" for m in relative} <= set(REMOTE_FILES)
+    roots = {m.split(".")[0] for pattern in DIFFUSERS_ABSOLUTE for m in pattern.findall(text)} - {""}
+    assert roots <= LIBRARIES | set(sys.stdlib_module_names), roots - LIBRARIES
+    assert "mcvd_diffusers" not in roots
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(pipeline_extra="\nfrom .data.moving_mnist import MovingMNIST\n"), r"imports \.data\.moving_mnist"),
-    (dict(pipeline_extra="\nfrom . import integrity\n"), r"invisible to diffusers"),
-    (dict(pipeline_extra="\ndef f():\n    import mcvd_diffusers.schedulers\n"), r"imports mcvd_diffusers\.schedulers"),
-    (dict(pipeline_extra="\nimport yaml\n"), r"imports yaml; remote code may import"),
-    (dict(pipeline_extra='\ndef f():\n    """Example:\n\n    from .helpers import thing\n    """\n'),
-     r"reads like an import"),
-    (dict(unet_extra="\nfrom ..integrity import sha256_file\n"), r"invisible to diffusers"),
-    (dict(unet_extra="\nfrom .masking import x\n"), r"models/unet_mcvd\.py imports \.masking.*loaded on its own"),
-    (dict(drop_unet_import=True), r"no longer imports"),
-], ids=["nested-module", "from-dot-import", "absolute-package-import", "unknown-library", "docstring-import",
-        "unet-parent-import", "unet-relative-import", "unet-import-gone"])
-def test_sources_remote_code_cannot_ship_fail_at_export(tmp_path, change, message):
-    with pytest.raises(RemoteCodeError, match=message):
-        render_remote_code(PACKAGE_INDEX, fake_package(tmp_path, **change))
+def test_folders_saved_before_the_unet_moved_still_load(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "old")
+    index_path = tmp_path / "old" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, "unet": ["mcvd_diffusers.models.unet_mcvd", "MCVDUNet2DModel"]}))
+    pipe = MCVDPipeline.from_pretrained(tmp_path / "old")
+    assert type(pipe.unet) is MCVDUNet2DModel
+    np.testing.assert_array_equal(predict(pipe), predict(tiny))
 
 
-def test_a_new_top_level_module_the_pipeline_imports_is_shipped_beside_it(tmp_path):
-    package = fake_package(tmp_path, pipeline_extra="\nfrom .extra import helper\n")
-    (package / "extra.py").write_text("import math\n\n\ndef helper():\n    return math.pi\n")
-    files, index = render_remote_code(PACKAGE_INDEX, package)
-    assert sorted(files) == sorted(REMOTE_FILES + ["extra.py"])
-    assert files["extra.py"].endswith("import math\n\n\ndef helper():\n    return math.pi\n")
-    assert "\nfrom .extra import helper\n" in files["pipeline_mcvd.py"]
-    assert index == {**PACKAGE_INDEX, "_class_name": ["pipeline_mcvd", "MCVDPipeline"],
-                     "unet": ["unet_mcvd", "MCVDUNet2DModel"]}
+def test_a_folder_that_is_not_an_mcvd_pipeline_is_refused(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "other")
+    index_path = tmp_path / "other" / "model_index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "_class_name": "DDPMPipeline"}))
+    with pytest.raises(ValueError, match="names the pipeline class 'DDPMPipeline', not MCVDPipeline"):
+        add_remote_code(tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
+        add_remote_code(tmp_path)
 
 
 SHIPPED = REPO / "checkpoints" / "mmnist-5to10"
 
 
-def test_the_shipped_model_carries_this_versions_code_and_loads_with_plain_diffusers(tmp_path):
-    index = json.loads((SHIPPED / "model_index.json").read_text())
-    files, new_index = render_remote_code(index)
-    stale = [name for name, text in files.items() if (SHIPPED / name).read_text() != text]
-    assert not stale and new_index == index, (
+@pytest.mark.parametrize("shipped", [SHIPPED, REPO / "checkpoints" / "mmnist-general"], ids=["5to10", "general"])
+def test_the_shipped_model_carries_this_versions_code_and_loads_with_plain_diffusers(tmp_path, shipped):
+    index = json.loads((shipped / "model_index.json").read_text())
+    stale = [name for name in REMOTE_FILES if (shipped / name).read_bytes() != (PACKAGE_DIR / name).read_bytes()]
+    assert not stale and index["_class_name"] == ["pipeline_mcvd", "MCVDPipeline"], (
         f"the shipped folder's remote code {stale} is older than the package: refresh it with "
-        "python -c \"from mcvd_diffusers.remote_code import add_remote_code; add_remote_code('checkpoints/mmnist-5to10')\"")
-    info, frames, _ = run_plain_diffusers(str(SHIPPED), tmp_path, HF_HUB_OFFLINE="1")
-    np.testing.assert_allclose(frames, predict(MCVDPipeline.from_pretrained(SHIPPED)), rtol=0, atol=1e-6)
+        f"python -c \"from mcvd_diffusers.remote_code import add_remote_code; add_remote_code('{shipped.relative_to(REPO)}')\"")
+    info, frames, _ = run_plain_diffusers(str(shipped), tmp_path, HF_HUB_OFFLINE="1")
+    np.testing.assert_allclose(frames, predict(MCVDPipeline.from_pretrained(shipped)), rtol=0, atol=1e-6)
     assert info["pipeline"] == "diffusers_modules.local.pipeline_mcvd.MCVDPipeline"

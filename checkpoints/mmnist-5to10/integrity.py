@@ -1,7 +1,3 @@
-# mcvd-diffusers remote code: mcvd_diffusers/integrity.py of mcvd-diffusers 0.1.0, copied at
-# export so that DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads this pipeline
-# without the package. The copy is unchanged.
-# Do not edit: export the pipeline again (mcvd_diffusers.remote_code).
 """Files that survive a crash and weights that cannot load half-wrong.
 
 - Durability: ``fsync_tree`` flushes a finished folder's files and the folder itself, and

@@ -1,7 +1,3 @@
-# mcvd-diffusers remote code: mcvd_diffusers/pipeline_mcvd.py of mcvd-diffusers 0.1.0, copied at
-# export so that DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads this pipeline
-# without the package. Imports rewritten to this folder's layout: .models.unet_mcvd -> .unet.unet_mcvd.
-# Do not edit: export the pipeline again (mcvd_diffusers.remote_code).
 """MCVDPipeline: video prediction, unconditional generation and interpolation with any diffusers scheduler."""
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
-from .unet_mcvd import PRESETS, MCVDUNet2DModel
+from ..unet.unet_mcvd import PRESETS, MCVDUNet2DModel
 
 __all__ = ["MCVDUNet2DModel", "PRESETS"]

@@ -1,7 +1,3 @@
-# mcvd-diffusers remote code: mcvd_diffusers/models/unet_mcvd.py of mcvd-diffusers 0.1.0, copied at
-# export so that DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads this pipeline
-# without the package. The copy is unchanged.
-# Do not edit: export the pipeline again (mcvd_diffusers.remote_code).
 """MCVDUNet2DModel: diffusers' UNet2DModel that owns MCVD's frame layout.
 
 MCVD's "concat" network sees the past frames, the noisy current frames and (for
@@ -352,11 +348,19 @@ class MCVDUNet2DModel(UNet2DModel):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
-# mcvd-diffusers remote code: diffusers runs this file twice per pipeline load, for the pipeline's
-# import and for the component, under two module names. Bind the names the pipeline imports to the
-# first objects made from this source, so that both give the same class.
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
+# diffusers runs this file twice when it loads an export as remote code (trust_remote_code=True): for the
+# pipeline's import and for the unet component, under two module names. Both bind MCVDUNet2DModel to the
+# first class made from this file's bytes, so that the unet is an instance of the class the pipeline
+# expects (one class; otherwise diffusers warns "Expected types for unet"). In the package it runs once.
+def _first_made(cls):
+    import hashlib
+    import sys
+    import types
 
-_made = _sys.modules.setdefault('_mcvd_diffusers_remote_code', _types.ModuleType('_mcvd_diffusers_remote_code')).__dict__
-MCVDUNet2DModel = _made.setdefault('unet_mcvd:6fa62b527e94b98d:MCVDUNet2DModel', MCVDUNet2DModel)
+    registry = sys.modules.setdefault("_mcvd_diffusers_remote_code", types.ModuleType("_mcvd_diffusers_remote_code"))
+    with open(__file__, "rb") as f:
+        key = f"unet_mcvd:{hashlib.sha256(f.read()).hexdigest()[:16]}:{cls.__name__}"
+    return registry.__dict__.setdefault(key, cls)
+
+
+MCVDUNet2DModel = _first_made(MCVDUNet2DModel)
