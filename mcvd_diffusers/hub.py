@@ -109,14 +109,17 @@ def render_model_card(info: dict, repo_id: str) -> str:
                    "to add the table here.")
     titles = {"interpolate": "Interpolation (the frames between the past and the future frames)",
               "generate": "Unconditional generation (no frames in; real clips and noise for reference)"}
-    for task, done in (info.get("task_evaluations") or {}).items():
+    evaluations = info.get("task_evaluations") or {}
+    for task, done in sorted(evaluations.items(), key=lambda item: list(titles).index(item[0])
+                             if item[0] in titles else len(titles)):
         per_clip = f", {done['samples_per_clip']} samples per clip" if done.get("samples_per_clip") else ""
         metrics += (f"\n\n### {titles.get(task, task)}\n\n`{done['command']}` on {done['num_clips']} "
                     f"{'videos' if task == 'generate' else 'test clips'}{per_clip}, device {done['device']}:\n\n"
                     f"{done['table']}")
     usage = ""
     if config["prob_mask_past"] > 0:
-        usage += (f"\nvideo = pipe(batch_size=4, num_frames=10).frames  # unconditional generation\n")
+        usage += ("\nvideo = pipe(batch_size=4, num_frames=10, num_inference_steps=20).frames  # unconditional generation"
+                  "\n# (from nothing, digits need more steps per block than prediction does)\n")
     if config["num_future_frames"] > 0:
         usage += (f"after = torch.rand(1, {config['num_future_frames']}, {config['image_size']}, "
                   f"{config['image_size']})  # the frames after the gap\n"

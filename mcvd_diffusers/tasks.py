@@ -41,7 +41,7 @@ from .data.moving_mnist import clips_to_video
 from .digit_classifier import DIGIT_SIZE, MAX_OVERLAP, crop_windows, load_digit_classifier, weights_sha256
 from .evaluation import EvalConfig, _time_batch1, _video_generators, load_fvd_network, load_test_clips, start
 from .fvd import fvd_from_features, i3d_features
-from .report import _git_commit, _tile, clear_outputs, record_task_evaluation
+from .report import _fmt_latency, _fmt_seconds, _git_commit, _tile, clear_outputs, record_task_evaluation
 from .runtime import autocast, device_name, synchronize, versions
 from .schedulers import SamplerSpec
 
@@ -186,14 +186,26 @@ def generation_table(record: dict) -> str:
     for label, row in record["rows"].items():
         scores, timing = row["scores"], row["timing"]
         shown = f"{label} (shipped)" if label == record.get("shipped_sampler") else label
-        cells = [shown, str(row.get("steps", "")),
-                 "" if "seconds_per_video_batch1" not in timing else f"{timing['seconds_per_video_batch1']:.3g}",
-                 "" if "seconds_per_video_amortized" not in timing else f"{timing['seconds_per_video_amortized']:.3g}"]
+        cells = [shown, str(row.get("steps", "")), _fmt_latency(timing),
+                 _fmt_seconds(timing.get("seconds_per_video_amortized"))]
         cells += ["n/a" if scores[name] is None else f"{scores[name]:.3f}" for name in SCORES]
         if with_fvd:
             cells.append(f"{scores['fvd']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_generation_summary(out: Path, record: dict) -> None:
+    """summary.md: what was drawn and compared, the table, and the machine the times come from."""
+    machine = record["machine"]
+    (out / "summary.md").write_text(
+        f"# Unconditional generation of {record['model']}\n\n{record['eval_config']['num_clips']} videos of "
+        f"{record['eval_config']['num_frames']} frames per row, no frames in; real test clips ({record['data_source']})"
+        f" and noise for reference. Digit windows: the {record['num_digits']} windows of most ink per frame, read by "
+        f"the digit classifier; confident: top probability >= {record['confident_probability']}, in windows whose "
+        f"mean ink is in {list(record['ink_range'])}. Device {record['device']}, native bf16: "
+        f"{'yes' if machine['cpu_native_bf16'] else 'no'}, load average {machine['load_average'][0]:.2f} at the "
+        f"start; batch 1 is the median of 5 calls after a warm-up.\n\n{generation_table(record)}\n")
 
 
 def _write_generation_outputs(out: Path, record: dict, sets: dict, gif_videos: int) -> None:
@@ -202,15 +214,7 @@ def _write_generation_outputs(out: Path, record: dict, sets: dict, gif_videos: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = generation_table(record)
-    machine = record["machine"]
-    (out / "summary.md").write_text(
-        f"# Unconditional generation of {record['model']}\n\n{record['eval_config']['num_clips']} videos of "
-        f"{record['eval_config']['num_frames']} frames per row, no frames in; real test clips ({record['data_source']})"
-        f" and noise for reference. Digit windows: the {record['num_digits']} windows of most ink per frame, read by "
-        f"the digit classifier; confident: top probability >= {CONFIDENT}. Device {record['device']} "
-        f"({machine['cpu']}, native bf16: {'yes' if machine['cpu_native_bf16'] else 'no'}, {machine['threads']} "
-        f"threads).\n\n{table}\n")
+    write_generation_summary(out, record)
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for label, row in record["rows"].items():
         curve = row["scores"]["confident_per_frame"]

@@ -120,3 +120,21 @@ def test_the_shipped_card_is_rendered_from_its_training_info_with_the_reference_
     old = {**info, "evaluation": {k: v for k, v in info["evaluation"].items() if k != "results"}}
     card_text = write_model_card(tmp_path, old).read_text()
     assert ModelCard(card_text).data.eval_results is None and info["evaluation"]["table"] in card_text
+
+
+def test_the_general_models_card_shows_each_task_it_was_evaluated_on():
+    general = REPO / "checkpoints" / "mmnist-general"
+    info = read_training_info(general)
+    card = (general / "README.md").read_text()
+    assert card == render_model_card(info, info["repo_id"])  # not edited by hand
+    for task, folder in (("interpolate", "interpolate"), ("generate", "generate")):
+        assert info["task_evaluations"][task]["table"] in card
+        assert f"results/general/{folder}" in info["task_evaluations"][task]["command"]
+    assert "### Interpolation" in card and "### Unconditional generation" in card
+    assert "future_frames=after" in card and "pipe(batch_size=4" in card  # usage for the two extra tasks
+    assert info["notes"] in card  # how it compares with the prediction model
+    reference = json.loads((REPO / "results" / "general" / "predict" / "metrics.json").read_text())
+    shipped = reference["rows"][reference["shipped_sampler"]]["metrics"]
+    data = ModelCard(card).data  # the prediction numbers are the card's model-index
+    assert {r.metric_type: r.metric_value for r in data.eval_results} == {m: shipped[m]["mean_of_k"]["mean"]
+                                                                          for m in CARD_METRICS}
