@@ -110,8 +110,7 @@ def render_model_card(info: dict, repo_id: str) -> str:
     titles = {"interpolate": "Interpolation (the frames between the past and the future frames)",
               "generate": "Unconditional generation (no frames in; real clips and noise for reference)"}
     evaluations = info.get("task_evaluations") or {}
-    for task, done in sorted(evaluations.items(), key=lambda item: list(titles).index(item[0])
-                             if item[0] in titles else len(titles)):
+    for task, done in ((task, evaluations[task]) for task in titles if task in evaluations):
         per_clip = f", {done['samples_per_clip']} samples per clip" if done.get("samples_per_clip") else ""
         metrics += (f"\n\n### {titles.get(task, task)}\n\n`{done['command']}` on {done['num_clips']} "
                     f"{'videos' if task == 'generate' else 'test clips'}{per_clip}, device {done['device']}:\n\n"

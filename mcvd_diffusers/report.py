@@ -187,11 +187,19 @@ def update_model_card(folder: Path, record: dict) -> Path:
     info = read_training_info(folder)
     info["evaluation"] = {"command": record["command"], "num_clips": record["eval_config"]["num_clips"],
                           "samples_per_clip": record["eval_config"]["samples_per_clip"],
-                          "data_source": record["data_source"], "device": record["device"],
+                          "data_source": record["data_source"], "device": device_text(record),
                           "test_set": record["test_set"]["name"], "shipped_sampler": record.get("shipped_sampler"),
                           "fvd": record.get("fvd"), "table": summary_table(record),
                           "results": evaluation_results(record)}
     return write_model_card(folder, info)
+
+
+def device_text(record: dict) -> str:
+    """The device an evaluation ran on, with whether its CPU runs bf16 natively (timings depend on both)."""
+    machine = record.get("machine")
+    if not machine:
+        return record["device"]
+    return f"{record['device']}, native bf16: {'yes' if machine['cpu_native_bf16'] else 'no'}"
 
 
 def record_task_evaluation(folder: Path, task: str, record: dict, table: str) -> Path:
@@ -199,7 +207,7 @@ def record_task_evaluation(folder: Path, task: str, record: dict, table: str) ->
     info = read_training_info(folder)
     cfg = record["eval_config"]
     info.setdefault("task_evaluations", {})[task] = {
-        "command": record["command"], "num_clips": cfg["num_clips"], "device": record["device"],
+        "command": record["command"], "num_clips": cfg["num_clips"], "device": device_text(record),
         "samples_per_clip": None if task == "generate" else cfg["samples_per_clip"], "table": table}
     return write_model_card(folder, info)
 

@@ -41,6 +41,7 @@ from .data.moving_mnist import clips_to_video
 from .digit_classifier import DIGIT_SIZE, MAX_OVERLAP, crop_windows, load_digit_classifier, weights_sha256
 from .evaluation import EvalConfig, _time_batch1, _video_generators, load_fvd_network, load_test_clips, start
 from .fvd import fvd_from_features, i3d_features
+from .metrics import mse_per_frame
 from .report import _fmt_latency, _fmt_seconds, _git_commit, _tile, clear_outputs, record_task_evaluation
 from .runtime import autocast, device_name, synchronize, versions
 from .schedulers import SamplerSpec
@@ -97,11 +98,10 @@ def generation_scores(labels: torch.Tensor, top: torch.Tensor, videos: torch.Ten
             for b in range(len(labels)) if first[b] and labels.shape[1] > 1]
     counts = torch.bincount(labels[confident], minlength=10).double()
     p = counts[counts > 0] / counts.sum() if counts.sum() > 0 else counts[:0]
-    pairs = videos.float() - videos.float().roll(1, dims=0)
     return {"confident": confident.float().mean().item(), "confidence": top.mean().item(),
             "identity_kept": float(np.mean(kept)) if kept else None,
             "label_entropy": float(-(p * p.log2()).sum()) if len(p) else 0.0,
-            "pairwise_mse": pairs.pow(2).mean().item() if len(videos) > 1 else None,
+            "pairwise_mse": mse_per_frame(videos, videos.roll(1, dims=0)).mean().item() if len(videos) > 1 else None,
             "confident_per_frame": confident.float().mean((0, 2)).tolist()}
 
 

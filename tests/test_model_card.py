@@ -138,3 +138,12 @@ def test_the_general_models_card_shows_each_task_it_was_evaluated_on():
     data = ModelCard(card).data  # the prediction numbers are the card's model-index
     assert {r.metric_type: r.metric_value for r in data.eval_results} == {m: shipped[m]["mean_of_k"]["mean"]
                                                                           for m in CARD_METRICS}
+
+
+def test_the_card_names_whether_the_evaluations_cpu_runs_bf16_natively():
+    from mcvd_diffusers.report import device_text
+
+    record = {"device": "CPU (Some CPU, x86_64, 2 threads)"}
+    assert device_text(record) == record["device"]  # recorded before machine_state existed: as it was
+    assert device_text({**record, "machine": {"cpu_native_bf16": False}}).endswith("2 threads), native bf16: no")
+    assert device_text({**record, "machine": {"cpu_native_bf16": True}}).endswith("native bf16: yes")
