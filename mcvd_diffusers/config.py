@@ -203,10 +203,25 @@ class TrainConfig:
 
     def validate(self) -> None:
         """The one check of every value a user enters (a config file, the command line, the Python API)."""
+        errors = [message for ok, message in self._model_checks() + self._training_checks() if not ok]
+        # inf and NaN pass every comparison above that they should fail (inf > 0; NaN compares false both ways)
+        errors += [f"{f.name} must be a finite number, got {getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        errors += _output_dir_errors(self.output_dir)
+        if self.hub_model_id is not None:
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as e:
+                errors.append(f"hub_model_id {self.hub_model_id!r} is not a valid Hub repo id: {e}")
+        if errors:
+            raise ValueError("invalid training config: " + "; ".join(errors))
+
+    def _model_checks(self) -> list[tuple[bool, str]]:
+        """(ok, message) for the network, data and diffusion keys."""
         levels = len(PRESETS[self.preset]["block_out_channels"]) if self.preset in PRESETS else 1
         patch = self.patch_size or (PRESETS[self.preset].get("patch_size", 1) if self.preset in PRESETS else 1)
         patch = patch if patch >= 1 else 1
-        checks = [
+        return [
             (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}"),
             (self.num_past_frames >= 0 and self.num_current_frames >= 1 and self.num_future_frames >= 0,
              "frame counts must be num_past_frames >= 0, num_current_frames >= 1, num_future_frames >= 0"),
@@ -236,6 +251,11 @@ class TrainConfig:
              "residual_to_last_past needs prediction_type 'sample' (the network's x0 is relative to the last past frame)"),
             (not self.residual_to_last_past or self.num_past_frames > 0, "residual_to_last_past needs num_past_frames > 0"),
             (0 <= self.past_noise_augment <= 1, "past_noise_augment must be in [0, 1] (a noise std on data in [-1, 1])"),
+        ]
+
+    def _training_checks(self) -> list[tuple[bool, str]]:
+        """(ok, message) for the optimization, validation, checkpoint and output keys."""
+        return [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
@@ -267,18 +287,6 @@ class TrainConfig:
             (self.report_to in ("tensorboard", "none"), "report_to must be 'tensorboard' or 'none'"),
             (not self.push_to_hub or bool(self.hub_model_id), "push_to_hub needs hub_model_id ('user/name')"),
         ]
-        errors = [message for ok, message in checks if not ok]
-        # inf and NaN pass every comparison above that they should fail (inf > 0; NaN compares false both ways)
-        errors += [f"{f.name} must be a finite number, got {getattr(self, f.name)}" for f in dataclasses.fields(self)
-                   if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
-        errors += _output_dir_errors(self.output_dir)
-        if self.hub_model_id is not None:
-            try:
-                validate_repo_id(self.hub_model_id)
-            except HFValidationError as e:
-                errors.append(f"hub_model_id {self.hub_model_id!r} is not a valid Hub repo id: {e}")
-        if errors:
-            raise ValueError("invalid training config: " + "; ".join(errors))
 
 
 def _output_dir_errors(output_dir: str) -> list[str]:

@@ -76,3 +76,18 @@ def test_validation_rolls_a_two_frame_model_out_to_the_ten_frames_after_the_past
     # an untrained residual model stays near its last past frame: its first frame is closer to the truth
     # than its tenth, as copying the last frame is
     assert scores["ssim_f1"] > scores["ssim_f10"]
+
+
+def test_the_conditioning_window_slides_onto_each_generated_block():
+    unet = MCVDUNet2DModel.from_preset("tiny", num_past_frames=5, num_current_frames=2, sample_size=32)
+    pipe = MCVDPipeline(unet=unet, scheduler=make_noise_scheduler(prediction_type="sample"))
+    past, block = torch.rand(3, 5, 1, 32, 32), torch.rand(3, 2, 1, 32, 32)
+    slid = pipe.slide_past(past, block)
+    assert torch.equal(slid, torch.cat([past[:, 2:], block], dim=1))  # the 3 newest past frames, then the block
+    started = pipe.slide_past(None, block)  # generation: a masked (zero) past before the first generated frames
+    assert started.shape == (3, 5, 1, 32, 32) and torch.equal(started[:, 3:], block)
+    assert not started[:, :3].any()
+    without_past = MCVDPipeline(unet=MCVDUNet2DModel.from_preset("tiny", num_past_frames=0, num_current_frames=2,
+                                                                 sample_size=32),
+                                scheduler=make_noise_scheduler(prediction_type="sample"))
+    assert without_past.slide_past(None, block) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -351,6 +352,56 @@ class MCVDPipeline(DiffusionPipeline):
         return kwargs
 
     # ------------------------------------------------------------------ sampling
+    def _resolve_defaults(self, num_frames, num_inference_steps, callback_on_step_end, tensor_inputs):
+        """What a call leaves None: the pipeline's frame and step counts; the tensors a callback object names."""
+        if num_frames is None:
+            num_frames = self.config.get("default_num_frames") or self.unet.config.num_current_frames
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback_on_step_end.tensor_inputs
+        return num_frames, num_inference_steps, tensor_inputs or ["latents"]
+
+    @contextlib.contextmanager
+    def _sampling_mode(self):
+        """No dropout while sampling, also for a model handed over mid-training; its mode is restored after."""
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            yield
+        finally:
+            self.unet.train(was_training)
+
+    def slide_past(self, past: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor | None:
+        """The conditioning window after a generated block: the last ``num_past_frames`` of past + block; zeros
+        (a masked past) before the first generated frame when there was no past (generation)."""
+        num_past = self.unet.config.num_past_frames
+        if num_past == 0:
+            return past
+        if past is None:
+            past = block.new_zeros(len(block), num_past, *self.unet.frame_shape)
+        return torch.cat([past, block], dim=1)[:, -num_past:]
+
+    def denoise_block(self, latents, past, future, extra_step_kwargs, step, progress_bar, callback_on_step_end=None,
+                      callback_on_step_end_tensor_inputs=("latents",)):
+        """Denoises one block from its initial noise over the scheduler's timesteps; ``step`` counts the steps of
+        all blocks so far (what the callback sees). Returns the block and the new step count."""
+        for t in self.scheduler.timesteps:
+            if self.interrupt:
+                continue
+            model_input = self.scheduler.scale_model_input(latents, t)
+            model_output = self.unet(model_input, t, past_frames=past, future_frames=future).sample
+            latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                callback_kwargs = {}
+                for name in callback_on_step_end_tensor_inputs:
+                    callback_kwargs[name] = locals()[name]
+                outputs = callback_on_step_end(self, step, t, callback_kwargs) or {}
+                latents = outputs.pop("latents", latents)
+            step += 1
+            progress_bar.update()
+        return latents, step
+
     @torch.no_grad()
     def __call__(
         self,
@@ -393,13 +444,8 @@ class MCVDPipeline(DiffusionPipeline):
         """
         # 0. Defaults
         cfg = self.unet.config
-        num_frames = num_frames if num_frames is not None else (self.config.get("default_num_frames")
-                                                                or cfg.num_current_frames)
-        if num_inference_steps is None:
-            num_inference_steps = self.config.default_num_inference_steps
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        num_frames, num_inference_steps, callback_on_step_end_tensor_inputs = self._resolve_defaults(
+            num_frames, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 1. Check inputs (lists of videos stacked first, so that they are checked like a batch)
         past_frames = past_frames if past_frames is None else self._as_batch(past_frames, "past_frames")
@@ -429,37 +475,17 @@ class MCVDPipeline(DiffusionPipeline):
 
         # 5. Denoise block by block; each block's frames become the next block's past
         blocks, step = [], 0
-        was_training = self.unet.training
-        self.unet.eval()  # no dropout while sampling, also for a model handed over mid-training
-        try:
-            with self.progress_bar(total=self._num_timesteps) as progress_bar:
-                for block in range(num_blocks):
-                    if block > 0:
-                        self.scheduler.set_timesteps(num_inference_steps, device=device)
-                    latents = given[block] if given is not None else randn_tensor(
-                        block_shape, generator=generator, device=device, dtype=dtype)
-                    latents = latents * self.scheduler.init_noise_sigma
-                    for t in self.scheduler.timesteps:
-                        if self.interrupt:
-                            continue
-                        model_input = self.scheduler.scale_model_input(latents, t)
-                        model_output = self.unet(model_input, t, past_frames=past, future_frames=future).sample
-                        latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
-                        if callback_on_step_end is not None:
-                            callback_kwargs = {}
-                            for name in callback_on_step_end_tensor_inputs:
-                                callback_kwargs[name] = locals()[name]
-                            outputs = callback_on_step_end(self, step, t, callback_kwargs) or {}
-                            latents = outputs.pop("latents", latents)
-                        step += 1
-                        progress_bar.update()
-                    blocks.append(latents)
-                    if cfg.num_past_frames > 0:  # slide the conditioning window onto the generated frames
-                        if past is None:  # generation: zeros (masked) before the first generated frame
-                            past = latents.new_zeros(batch, cfg.num_past_frames, *self.unet.frame_shape)
-                        past = torch.cat([past, latents], dim=1)[:, -cfg.num_past_frames:]
-        finally:
-            self.unet.train(was_training)
+        with self._sampling_mode(), self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for block in range(num_blocks):
+                if block > 0:
+                    self.scheduler.set_timesteps(num_inference_steps, device=device)
+                latents = given[block] if given is not None else randn_tensor(
+                    block_shape, generator=generator, device=device, dtype=dtype)
+                latents, step = self.denoise_block(
+                    latents * self.scheduler.init_noise_sigma, past, future, extra_step_kwargs, step,
+                    progress_bar, callback_on_step_end, callback_on_step_end_tensor_inputs)
+                blocks.append(latents)
+                past = self.slide_past(past, latents)
 
         # 6. Post-process
         video = torch.cat(blocks, dim=1)[:, :num_frames]  # (B, F, C, H, W) in [-1, 1]

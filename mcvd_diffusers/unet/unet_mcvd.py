@@ -80,6 +80,31 @@ def _check_grid(sample_size, patch_size: int, levels: int) -> None:
             )
 
 
+def _check_layout(num_past_frames, num_current_frames, num_future_frames, frame_channels, prob_mask_past,
+                  prob_mask_future, patch_size, residual_to_last_past, partial_past_mask, sample_size,
+                  levels) -> tuple[int, int]:
+    """Checks the frame layout and masking keys; returns the UNet's in and out channels they imply."""
+    if num_past_frames < 0 or num_current_frames < 1 or num_future_frames < 0 or frame_channels < 1:
+        raise ValueError(
+            "expected num_past_frames >= 0, num_current_frames >= 1, num_future_frames >= 0, frame_channels >= 1; "
+            f"got {num_past_frames}, {num_current_frames}, {num_future_frames}, {frame_channels}"
+        )
+    for name, p in (("prob_mask_past", prob_mask_past), ("prob_mask_future", prob_mask_future)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    _check_grid(sample_size, patch_size, levels)
+    if not isinstance(residual_to_last_past, bool):
+        raise ValueError(f"residual_to_last_past must be true or false, got {residual_to_last_past!r}")
+    if not isinstance(partial_past_mask, bool):
+        raise ValueError(f"partial_past_mask must be true or false, got {partial_past_mask!r}")
+    if partial_past_mask and prob_mask_past == 0:
+        raise ValueError("partial_past_mask needs prob_mask_past > 0 (it says how a masked past is masked)")
+    if residual_to_last_past and num_past_frames == 0:
+        raise ValueError("residual_to_last_past needs past frames (num_past_frames >= 1)")
+    frames = num_past_frames + num_current_frames + num_future_frames
+    return frames * frame_channels * patch_size**2, num_current_frames * frame_channels * patch_size**2
+
+
 class MCVDUNet2DModel(UNet2DModel):
     """A UNet2DModel whose input is [past | noisy current | future] frames on the channel axis.
 
@@ -147,58 +172,26 @@ class MCVDUNet2DModel(UNet2DModel):
         num_class_embeds: int | None = None,
         num_train_timesteps: int | None = None,
     ):
-        if num_past_frames < 0 or num_current_frames < 1 or num_future_frames < 0 or frame_channels < 1:
-            raise ValueError(
-                "expected num_past_frames >= 0, num_current_frames >= 1, num_future_frames >= 0, frame_channels >= 1; "
-                f"got {num_past_frames}, {num_current_frames}, {num_future_frames}, {frame_channels}"
-            )
-        for name, p in (("prob_mask_past", prob_mask_past), ("prob_mask_future", prob_mask_future)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
-        _check_grid(sample_size, patch_size, len(block_out_channels))
-        if not isinstance(residual_to_last_past, bool):
-            raise ValueError(f"residual_to_last_past must be true or false, got {residual_to_last_past!r}")
-        if not isinstance(partial_past_mask, bool):
-            raise ValueError(f"partial_past_mask must be true or false, got {partial_past_mask!r}")
-        if partial_past_mask and prob_mask_past == 0:
-            raise ValueError("partial_past_mask needs prob_mask_past > 0 (it says how a masked past is masked)")
-        if residual_to_last_past and num_past_frames == 0:
-            raise ValueError("residual_to_last_past needs past frames (num_past_frames >= 1)")
-        expected_in = (num_past_frames + num_current_frames + num_future_frames) * frame_channels * patch_size**2
-        expected_out = num_current_frames * frame_channels * patch_size**2
+        expected_in, expected_out = _check_layout(
+            num_past_frames, num_current_frames, num_future_frames, frame_channels, prob_mask_past, prob_mask_future,
+            patch_size, residual_to_last_past, partial_past_mask, sample_size, len(block_out_channels))
         if in_channels not in (None, expected_in) or out_channels not in (None, expected_out):
             raise ValueError(
                 f"in_channels/out_channels follow from the frame layout and patch size ({expected_in}/{expected_out}); "
                 f"got {in_channels}/{out_channels}. Leave them None."
             )
         super().__init__(
-            sample_size=sample_size,
-            in_channels=expected_in,
-            out_channels=expected_out,
-            center_input_sample=center_input_sample,
-            time_embedding_type=time_embedding_type,
-            time_embedding_dim=time_embedding_dim,
-            freq_shift=freq_shift,
-            flip_sin_to_cos=flip_sin_to_cos,
-            down_block_types=tuple(down_block_types),
-            mid_block_type=mid_block_type,
-            up_block_types=tuple(up_block_types),
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block,
-            mid_block_scale_factor=mid_block_scale_factor,
-            downsample_padding=downsample_padding,
-            downsample_type=downsample_type,
-            upsample_type=upsample_type,
-            dropout=dropout,
-            act_fn=act_fn,
-            attention_head_dim=attention_head_dim,
-            norm_num_groups=norm_num_groups,
-            attn_norm_num_groups=attn_norm_num_groups,
-            norm_eps=norm_eps,
-            resnet_time_scale_shift=resnet_time_scale_shift,
-            add_attention=add_attention,
-            class_embed_type=class_embed_type,
-            num_class_embeds=num_class_embeds,
+            sample_size=sample_size, in_channels=expected_in, out_channels=expected_out,
+            center_input_sample=center_input_sample, time_embedding_type=time_embedding_type,
+            time_embedding_dim=time_embedding_dim, freq_shift=freq_shift, flip_sin_to_cos=flip_sin_to_cos,
+            down_block_types=tuple(down_block_types), mid_block_type=mid_block_type,
+            up_block_types=tuple(up_block_types), block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block, mid_block_scale_factor=mid_block_scale_factor,
+            downsample_padding=downsample_padding, downsample_type=downsample_type, upsample_type=upsample_type,
+            dropout=dropout, act_fn=act_fn, attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
+            attn_norm_num_groups=attn_norm_num_groups, norm_eps=norm_eps,
+            resnet_time_scale_shift=resnet_time_scale_shift, add_attention=add_attention,
+            class_embed_type=class_embed_type, num_class_embeds=num_class_embeds,
             num_train_timesteps=num_train_timesteps,
         )
 
