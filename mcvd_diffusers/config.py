@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .data.moving_mnist import MOTIONS
@@ -122,6 +123,11 @@ class TrainConfig:
                                     "training clip's past frames get Gaussian noise of a std drawn uniformly from [0,"
                                     " this] (data in [-1, 1]), so a rollout that conditions on its own imperfect "
                                     "frames stays in the training distribution; 0: off")
+    train_on_sampler_timesteps: bool = key(False,
+                                           "true: training (and the validation loss) draws its timesteps only from "
+                                           "the grid export_sampler visits (ddim:5: 999, 799, 599, 399, 199), so a "
+                                           "short run spends every step on the noise levels its sampler uses; the "
+                                           "model is then meant for that sampler")
     # optimization
     batch_size: int = key(64, "per process and per micro-batch")
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
@@ -279,6 +285,9 @@ class TrainConfig:
             (1 <= self.sample_clips <= self.val_clips, "sample_clips must be in [1, val_clips]"),
             (isinstance(self.sample_sampler, SamplerSpec) and isinstance(self.export_sampler, SamplerSpec),
              f"sample_sampler and export_sampler must be NAME:STEPS with NAME one of {sorted(SAMPLERS)}"),
+            (not self.train_on_sampler_timesteps or self.sample_sampler == self.export_sampler,
+             f"train_on_sampler_timesteps trains export_sampler's grid ({self.export_sampler}), so sample_sampler "
+             f"(the validation rollout's) must be the same, got {self.sample_sampler}"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              "checkpoints_total_limit must be >= 1 (or null: keep all)"),
@@ -374,6 +383,14 @@ def build_unet(config: TrainConfig) -> MCVDUNet2DModel:
 def build_noise_scheduler(config: TrainConfig):
     return make_noise_scheduler(config.beta_schedule, config.prediction_type, config.num_train_timesteps,
                                 config.noise_shift)
+
+
+def training_timesteps(config: TrainConfig) -> torch.Tensor | None:
+    """The timesteps training draws from: export_sampler's grid with train_on_sampler_timesteps, else None
+    (uniform over the whole schedule)."""
+    if not config.train_on_sampler_timesteps:
+        return None
+    return config.export_sampler.timesteps(build_noise_scheduler(config).config)
 
 
 def load_config_file(path: str | os.PathLike) -> dict:

@@ -86,10 +86,11 @@ def augment_past(clip: torch.Tensor, num_past_frames: int, max_std: float,
 
 def diffusion_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.Tensor,
                    generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
-                   past_noise_augment: float = 0.0) -> torch.Tensor:
+                   past_noise_augment: float = 0.0, timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """MCVD's training loss on a batch of clips (B, clip_length, C, H, W) in [0, 1].
 
-    Timesteps are uniform over the training schedule; each sample's past and future
+    Timesteps are uniform over the training schedule, or over ``timesteps`` (a sampler's grid) when
+    given; each sample's past and future
     blocks are masked with the model's ``prob_mask_past`` / ``prob_mask_future``; with
     ``past_noise_augment`` > 0 the past frames are noised first (``augment_past``)."""
     model = _unwrapped(unet)
@@ -97,7 +98,10 @@ def diffusion_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.
     batch, device = clip.shape[0], clip.device
     noise = torch.randn((batch, cfg.num_current_frames, *model.frame_shape), generator=generator, device=device,
                         dtype=clip.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+    if timesteps is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+    else:
+        t = timesteps.to(device)[torch.randint(0, len(timesteps), (batch,), generator=generator, device=device)]
     keep_past = draw_past_keep(batch, cfg, generator, device)
     keep_future = draw_keep_mask(batch, cfg.prob_mask_future, generator, device) if cfg.num_future_frames else None
     if past_noise_augment > 0 and cfg.num_past_frames > 0:

@@ -125,3 +125,9 @@ class SamplerSpec:
     def build(self, trained_config) -> SchedulerMixin:
         """The scheduler, from the trained (pipeline's own) scheduler config: never another sampler's."""
         return make_sampler(self.name, trained_config)
+
+    def timesteps(self, trained_config) -> torch.Tensor:
+        """The training timesteps this sampler visits, in its order (ddim:5 -> 999, 799, 599, 399, 199)."""
+        sampler = self.build(trained_config)
+        sampler.set_timesteps(self.steps)
+        return sampler.timesteps.long()

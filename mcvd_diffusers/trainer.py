@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .checkpointing import (list_checkpoints, load_checkpoint, register_checkpoint_hooks,
                             remove_incomplete, replace_dir, resolve_checkpoint, save_checkpoint)
-from .config import TrainConfig, build_noise_scheduler, build_unet, check_resume_compatible
+from .config import TrainConfig, build_noise_scheduler, build_unet, check_resume_compatible, training_timesteps
 from .data.mnist import load_mnist
 from .data.moving_mnist import MovingMNIST, digits_fingerprint
 from .export import save_pipeline, training_info
@@ -85,6 +85,7 @@ class Run:
     history: dict
     step: int
     seconds_before: float  # training time of earlier starts of the run
+    timesteps: torch.Tensor | None = None  # what training draws t from; None: the whole schedule
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -105,7 +106,7 @@ def _train(config: TrainConfig, command: str | None) -> Path:
                     clip = run.data.sample(config.batch_size, run.generator)
                     with accelerator.autocast():
                         loss = diffusion_loss(run.unet, run.scheduler, clip, run.generator, config.min_snr_gamma,
-                                              config.past_noise_augment)
+                                              config.past_noise_augment, run.timesteps)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         meter.grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.grad_clip)
@@ -152,6 +153,9 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
         accelerator.print(f"warm start: weights from {config.init_unet_from}")
     parameter_names = [name for name, _ in unet.named_parameters()]
     scheduler = build_noise_scheduler(config)
+    timesteps = training_timesteps(config)
+    if timesteps is not None:
+        accelerator.print(f"timesteps: only {config.export_sampler}'s grid, {timesteps.tolist()}")
     train_digits = load_mnist("train", root=config.mnist_root)
     train_fingerprint = digits_fingerprint(train_digits.images)  # a resumed run must draw the same digits
     if resume is not None and resume_state["train_digits"] != train_fingerprint:
@@ -194,7 +198,8 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
     history["commands"] = history.get("commands", []) + ([command] if command else [])
     history["precision"] = precision  # this start's (a resume on other hardware may resolve auto otherwise)
     return Run(config, accelerator, unet, model, ema, optimizer, lr_schedule, scheduler, data, validation,
-               generator, train_digits.source, train_fingerprint, history, step, history.get("train_seconds") or 0.0)
+               generator, train_digits.source, train_fingerprint, history, step, history.get("train_seconds") or 0.0,
+               timesteps)
 
 
 def _load_unet(folder: str) -> MCVDUNet2DModel:

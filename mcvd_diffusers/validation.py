@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from .config import TrainConfig
+from .config import TrainConfig, training_timesteps
 from .data.mnist import MNISTDigits
 from .data.moving_mnist import MovingMNIST
 from .losses import denoising_loss
@@ -26,7 +26,8 @@ PREDICTED_FRAMES = 10
 class ValidationSet:
     """Fixed clips from MNIST validation digits, each with fixed noise and a fixed timestep.
 
-    The timesteps are spread evenly over the schedule and everything is drawn once from a
+    The timesteps are spread evenly over the schedule (or cycle through the sampler's grid the model
+    trains on, ``train_on_sampler_timesteps``) and everything is drawn once from a
     seeded CPU generator, so the loss is comparable across evaluations, devices and process
     counts. Conditioning is never masked: it measures prediction. The clips hold at least the past and
     ``PREDICTED_FRAMES`` more, so that models of every block size are scored on the same 10 frames."""
@@ -40,7 +41,11 @@ class ValidationSet:
         n, steps = config.val_clips, config.num_train_timesteps
         self.clips = frames.sample(n, generator)
         self.noise = torch.randn((n, unet.config.num_current_frames, *unet.frame_shape), generator=generator)
-        self.timesteps = ((torch.arange(n) + 0.5) * steps / n).long().clamp(max=steps - 1)
+        grid = training_timesteps(config)  # the loss is measured where the model trains
+        if grid is None:
+            self.timesteps = ((torch.arange(n) + 0.5) * steps / n).long().clamp(max=steps - 1)
+        else:
+            self.timesteps = grid[torch.arange(n) % len(grid)]
 
     def __len__(self) -> int:
         return len(self.clips)
