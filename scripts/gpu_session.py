@@ -6,9 +6,11 @@ of the `device` tool, plus the steps here that prepare and unpack them.
                    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && \
                python3 scripts/gpu_session.py bench                     (call 1, ~6 min)
                    carry [".whl", ".devdata/mnist"]
-               python3 scripts/gpu_session.py train --max_steps N ...   (call 2, <= 10 min)
-                   carry [".whl", ".devdata"], with the shipped checkpoint's two shards moved out of the
-                   repository for the call (prepare prints the sizes: 78 MiB with them, 60 without)
+               python3 scripts/gpu_session.py train --minutes M --hard_limit S --num_clips 0 ...
+                   (call 2: train for about M minutes, steps from a timed probe, stopped S seconds after the
+                   stage starts at the latest; train_mcvd.py flags follow; --num_clips 0 leaves the evaluation
+                   to the CPU here) carry [".whl", ".devdata/mnist"] (and a warm start's folder, if any):
+                   53.6 MiB with the general model's shards moved out of the repository for the call
   here, after: python scripts/gpu_session.py unpack FILES_AT            (the folder the call's files came back to)
 
 Why it is shaped like this (the limits of the workplace's `device` tool): only the repository
@@ -17,7 +19,7 @@ datasets and their missing dependencies, lpips) in .whl/ and the data in .devdat
 backbones' conv weights in fp16 (the files here are 68 MB in fp32; fp16 moves LPIPS by at most 2e-4 per
 frame and 5e-5 on a mean, measured on 160 frame pairs, below the 3 decimals reported). At most 8 files
 of 16 MiB come back, so `train` packs the exported pipeline and the evaluation into tar parts of 15 MiB.
-Written and checked on a CPU (`prepare`, `unpack`, and both stages with `--smoke`); not yet run on a GPU.
+Checked on a CPU with `--smoke`; the train stage ran twice on an H200 (benchmarks/RESULTS.md, "GPU").
 """
 
 from __future__ import annotations
@@ -177,23 +179,74 @@ def bench(args) -> None:
              "--out", str(out / "data_gpu.json")], log, timeout=args.step_timeout, env=env)
 
 
+def flag_value(flags: list[str], name: str, default: str) -> str:
+    """The value of ``--name V`` or ``--name=V`` among train_mcvd.py's flags (the last one wins, as argparse)."""
+    value = default
+    for i, flag in enumerate(flags):
+        if flag == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif flag.startswith(name + "="):
+            value = flag.split("=", 1)[1]
+    return value
+
+
+def steps_for(minutes: float, args, extra: list[str], out: Path, log) -> int:
+    """How many steps fit in ``minutes``: one training step of the config's preset at the run's batch size is
+    timed by bench_train.py (its fast paths, bf16; this is also the call's training benchmark), plus 10% for
+    logging, validation and checkpoints. A probe that fails falls back to --seconds_per_step."""
+    import json
+
+    import yaml
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    preset = flag_value(extra, "--preset", config.get("preset") or "cpu")
+    batch = flag_value(extra, "--batch_size", str(config.get("batch_size", 64)))
+    probe = out / "train_gpu_probe.json"
+    run([sys.executable, "benchmarks/bench_train.py", "--presets", preset, "--precisions", "bf16",
+         "--batch-size", batch, "--steps", "20", "--channels-last", "--fused-adamw",
+         "--device", "cpu" if args.smoke else "cuda", "--out", str(probe)], log, timeout=180)
+    try:
+        rows = json.loads(probe.read_text())["results"]
+        seconds = [r["step_s"] for r in rows if r["precision"] == "bf16"][-1]
+    except (OSError, ValueError, KeyError, IndexError):
+        seconds = args.seconds_per_step
+    steps = max(1, int(minutes * 60 / (seconds * 1.1)))
+    log.write(f"{seconds * 1000:.1f} ms a step at batch {batch}: {steps} steps in {minutes} min\n")
+    return steps
+
+
 def train(args, extra: list[str]) -> None:
     out, py = out_dir(), sys.executable
-    run_dir = Path("/tmp/mcvd_gpu_run") if not args.smoke else REPO / "runs" / "gpu_smoke_run"
-    env = {"MCVD_MNIST_DIR": str(DATA / "mnist"), "TORCH_HOME": torch_home()}
+    run_dir = Path(args.run_dir or (REPO / "runs" / "gpu_smoke_run" if args.smoke else "/tmp/mcvd_gpu_run"))
+    env = {"MCVD_MNIST_DIR": str(DATA / "mnist")}
+    started = time.perf_counter()
     with open(out / "train.log", "a") as log:
-        run([py, "train_mcvd.py", "--config", args.config, "--output_dir", str(run_dir), "--overwrite", "true",
-             "--max_steps", str(args.max_steps), "--report_to", "none", *extra], log, env=env)
+        max_steps = args.max_steps or steps_for(args.minutes, args, extra, out, log)
+        # --hard_limit stops training in time for the last checkpoint to be exported and packed before the
+        # device call's own limit (which would bring nothing back)
+        limit = args.hard_limit - (time.perf_counter() - started) - 45 if args.hard_limit else None
+        code = run([py, "train_mcvd.py", "--config", args.config, "--output_dir", str(run_dir), "--overwrite", "true",
+                    "--max_steps", str(max_steps), "--report_to", "none", *extra], log, timeout=limit, env=env)
         pipeline = run_dir / "pipeline"
-        if not pipeline.is_dir():
-            log.write("no exported pipeline: training failed, see above\n")
-            return
-        evaluation = run_dir / "eval"
-        run([py, "eval_mcvd.py", "--model", str(pipeline), "--samplers", "shipped", *args.samplers,
-             "--num_clips", str(args.num_clips), "--samples_per_clip", str(args.samples_per_clip),
-             "--batch_size", str(args.eval_batch_size), "--out", str(evaluation), "--update_model_card"], log, env=env)
+        if code != 0 or not pipeline.is_dir():
+            checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+            if not checkpoints:
+                log.write("no exported pipeline and no checkpoint: training failed, see above\n")
+                return
+            shutil.rmtree(pipeline, ignore_errors=True)
+            run([py, "train_mcvd.py", "--export", str(checkpoints[-1]), "--to", str(pipeline),
+                 "--export_sampler", flag_value(extra, "--export_sampler", "ddim:20")], log, env=env)
+        if (run_dir / "train_summary.json").is_file():
+            shutil.copyfile(run_dir / "train_summary.json", out / "train_summary.json")
+        if args.num_clips:
+            env["TORCH_HOME"] = torch_home()
+            evaluation = run_dir / "eval"
+            run([py, "eval_mcvd.py", "--model", str(pipeline), "--samplers", "shipped", *args.samplers,
+                 "--num_clips", str(args.num_clips), "--samples_per_clip", str(args.samples_per_clip),
+                 "--batch_size", str(args.eval_batch_size), "--out", str(evaluation), "--update_model_card"],
+                log, env=env)
         pack(pipeline, "pipeline", out)  # after the evaluation, which writes its table into the model card
-        if evaluation.is_dir():
+        if args.num_clips and evaluation.is_dir():
             shutil.rmtree(evaluation / "cache", ignore_errors=True)
             pack(evaluation, "eval", out)
 
@@ -203,6 +256,8 @@ def unpack(args) -> None:
     source, target = Path(args.files_at), Path(args.to)
     for name in ("pipeline", "eval"):
         parts = sorted(source.rglob(f"{name}.tar.[0-9][0-9][0-9]"))
+        if not parts and name == "eval":
+            continue  # a call run with --num_clips 0
         if not parts:
             raise SystemExit(f"error: no {name}.tar.NNN parts under {source}")
         expected = [f"{name}.tar.{i:03d}" for i in range(len(parts))]
@@ -228,12 +283,18 @@ def main() -> None:
     p.add_argument("--step_timeout", type=float, default=170)
     p = stages.add_parser("train", help="device call 2: train, export, evaluate (extra flags go to train_mcvd.py)")
     p.add_argument("--config", default="configs/cpu.yaml")
-    p.add_argument("--max_steps", type=int, required=True)
+    steps = p.add_mutually_exclusive_group(required=True)
+    steps.add_argument("--max_steps", type=int)
+    steps.add_argument("--minutes", type=float, help="train for about this long: max_steps from a timed probe")
+    p.add_argument("--seconds_per_step", type=float, default=0.1, help="--minutes' fallback if the probe fails")
+    p.add_argument("--hard_limit", type=float, help="seconds for the whole stage: training is stopped 45 s before "
+                   "it and its last checkpoint exported")
     p.add_argument("--samplers", nargs="+", default=["ddpm:1000", "ddim:50", "dpm++:20"])
-    p.add_argument("--num_clips", type=int, default=256)
+    p.add_argument("--num_clips", type=int, default=256, help="0: no evaluation there (evaluate here instead)")
     p.add_argument("--samples_per_clip", type=int, default=10)
     p.add_argument("--eval_batch_size", type=int, default=640)
     p.add_argument("--smoke", action="store_true", help="a run in runs/gpu_smoke_run on the CPU, to check the call")
+    p.add_argument("--run_dir", help="the run's folder (default /tmp/mcvd_gpu_run; with --smoke runs/gpu_smoke_run)")
     p = stages.add_parser("unpack", help="here: join and extract the parts a train call brought back")
     p.add_argument("files_at")
     p.add_argument("--to", default="runs/gpu")

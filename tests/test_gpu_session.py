@@ -85,3 +85,63 @@ def test_prepare_refuses_missing_data_before_downloading_anything(tmp_path, mnis
                              "--torch_home", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode != 0 and "LPIPS backbone weights not found" in result.stderr
     assert "vgg16-397923af.pth" in result.stderr
+
+
+class FakeDevice:
+    """Stands in for the commands a train call runs: the probe reports ``step_s``, training stops at its hard
+    limit (exit 124) after writing ``checkpoints``, an export writes the pipeline folder it is asked for."""
+
+    def __init__(self, run_dir: Path, step_s: float | None, checkpoints: list[int]):
+        self.run_dir, self.step_s, self.checkpoints, self.calls = run_dir, step_s, checkpoints, []
+
+    def __call__(self, command, log, timeout=None, env=None):
+        self.calls.append((command, timeout))
+        if "benchmarks/bench_train.py" in command and self.step_s is not None:
+            out = Path(command[command.index("--out") + 1])
+            out.write_text(f'{{"results": [{{"precision": "fp32", "step_s": 9.0}}, '
+                           f'{{"precision": "bf16", "step_s": {self.step_s}}}]}}')
+        if "train_mcvd.py" in command and "--max_steps" in command:
+            for step in self.checkpoints:
+                (self.run_dir / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+            return 124
+        if "--export" in command:
+            pipeline = Path(command[command.index("--to") + 1])
+            pipeline.mkdir(parents=True)
+            (pipeline / "model_index.json").write_text('{"_class_name": "MCVDPipeline"}')
+        return 0
+
+
+def run_train_stage(session, monkeypatch, tmp_path, fake, *flags):
+    monkeypatch.setitem(session["train"].__globals__, "run", fake)  # run_path hands back a copy of the globals
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "train", "--run_dir", str(fake.run_dir), "--num_clips", "0",
+                                      *flags, "--export_sampler", "ddim:3"])
+    session["main"]()
+    return [command for command, _ in fake.calls], dict((tuple(c), t) for c, t in fake.calls)
+
+
+def test_a_timed_run_gets_its_steps_from_the_probe_and_exports_its_newest_checkpoint_when_stopped(
+        session, tmp_path, monkeypatch):
+    fake = FakeDevice(tmp_path / "run", step_s=0.05, checkpoints=[600, 1200, 3000])
+    commands, timeouts = run_train_stage(session, monkeypatch, tmp_path, fake,
+                                         "--minutes", "6.5", "--hard_limit", "300", "--batch_size", "1024")
+    probe, training, export = commands
+    assert probe[probe.index("--batch-size") + 1] == "1024"  # timed at the run's batch size, not the config's
+    assert training[training.index("--max_steps") + 1] == str(int(6.5 * 60 / (0.05 * 1.1)))
+    assert 250 < timeouts[tuple(training)] <= 255  # the hard limit less 45 s for the export and the packing
+    # checkpoint-3000, not checkpoint-600 (which sorts last as text)
+    assert export[export.index("--export") + 1] == str(tmp_path / "run" / "checkpoints" / "checkpoint-3000")
+    assert export[export.index("--export_sampler") + 1] == "ddim:3"
+    subprocess.run([sys.executable, str(SCRIPT), "unpack", str(tmp_path / "out"), "--to", str(tmp_path / "back")],
+                   check=True)  # no eval parts: a call with --num_clips 0
+    assert (tmp_path / "back" / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_probe_that_fails_falls_back_and_a_run_without_checkpoints_brings_nothing_back(
+        session, tmp_path, monkeypatch):
+    fake = FakeDevice(tmp_path / "run", step_s=None, checkpoints=[])
+    commands, _ = run_train_stage(session, monkeypatch, tmp_path, fake, "--minutes", "2", "--seconds_per_step", "0.2")
+    assert len(commands) == 2
+    assert commands[1][commands[1].index("--max_steps") + 1] == str(int(2 * 60 / (0.2 * 1.1)))
+    assert "training failed" in (tmp_path / "out" / "train.log").read_text()
+    assert not list((tmp_path / "out").glob("*.tar.*"))
