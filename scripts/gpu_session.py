@@ -42,6 +42,7 @@ PART_BYTES = 15 * 2**20
 DEVICE_WHEELS = ["diffusers==0.42.1", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "lpips==0.1.4",
                  "importlib_metadata==10.2.0", "lazy-importer==0.1.0"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+EXPORT_SECONDS = 45  # what --hard_limit keeps back for exporting and packing the last checkpoint
 LPIPS_FILES = ("alexnet-owt-7be5be79.pth", "vgg16-397923af.pth")
 
 
@@ -179,31 +180,31 @@ def bench(args) -> None:
              "--out", str(out / "data_gpu.json")], log, timeout=args.step_timeout, env=env)
 
 
-def flag_value(flags: list[str], name: str, default: str) -> str:
-    """The value of ``--name V`` or ``--name=V`` among train_mcvd.py's flags (the last one wins, as argparse)."""
-    value = default
-    for i, flag in enumerate(flags):
-        if flag == name and i + 1 < len(flags):
-            value = flags[i + 1]
-        elif flag.startswith(name + "="):
-            value = flag.split("=", 1)[1]
-    return value
+def run_config(config_file: str, flags: list[str]):
+    """The TrainConfig the call's train_mcvd.py will run: the config file with the flags over it, parsed and
+    validated as train_mcvd.py does, so that a bad flag is refused before any device time is spent."""
+    from mcvd_diffusers.cli import FlagParser, add_config_flags, given_values, refuse_unknown_flags
+    from mcvd_diffusers.config import TrainConfig, load_config_file
+
+    parser = FlagParser(prog="gpu_session.py train (train_mcvd.py flags)")
+    add_config_flags(parser, TrainConfig)
+    refuse_unknown_flags(parser, flags, TrainConfig)
+    options = given_values(parser.parse_args(flags), TrainConfig)
+    try:
+        return TrainConfig.from_dict({**load_config_file(REPO / config_file), **options})  # train_mcvd.py runs in REPO
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
 
 
-def steps_for(minutes: float, args, extra: list[str], out: Path, log) -> int:
-    """How many steps fit in ``minutes``: one training step of the config's preset at the run's batch size is
-    timed by bench_train.py (its fast paths, bf16; this is also the call's training benchmark), plus 10% for
-    logging, validation and checkpoints. A probe that fails falls back to --seconds_per_step."""
+def steps_for(minutes: float, config, args, out: Path, log) -> int:
+    """How many steps fit in ``minutes``: one training step of the run's preset at its batch size is timed by
+    bench_train.py (its fast paths, bf16; this is also the call's training benchmark), plus 10% for logging,
+    validation and checkpoints. A probe that fails falls back to --seconds_per_step."""
     import json
 
-    import yaml
-
-    config = yaml.safe_load(Path(args.config).read_text())
-    preset = flag_value(extra, "--preset", config.get("preset") or "cpu")
-    batch = flag_value(extra, "--batch_size", str(config.get("batch_size", 64)))
     probe = out / "train_gpu_probe.json"
-    run([sys.executable, "benchmarks/bench_train.py", "--presets", preset, "--precisions", "bf16",
-         "--batch-size", batch, "--steps", "20", "--channels-last", "--fused-adamw",
+    run([sys.executable, "benchmarks/bench_train.py", "--presets", config.preset, "--precisions", "bf16",
+         "--batch-size", str(config.batch_size), "--steps", "20", "--channels-last", "--fused-adamw",
          "--device", "cpu" if args.smoke else "cuda", "--out", str(probe)], log, timeout=180)
     try:
         rows = json.loads(probe.read_text())["results"]
@@ -211,7 +212,7 @@ def steps_for(minutes: float, args, extra: list[str], out: Path, log) -> int:
     except (OSError, ValueError, KeyError, IndexError):
         seconds = args.seconds_per_step
     steps = max(1, int(minutes * 60 / (seconds * 1.1)))
-    log.write(f"{seconds * 1000:.1f} ms a step at batch {batch}: {steps} steps in {minutes} min\n")
+    log.write(f"{seconds * 1000:.1f} ms a step at batch {config.batch_size}: {steps} steps in {minutes} min\n")
     return steps
 
 
@@ -220,11 +221,12 @@ def train(args, extra: list[str]) -> None:
     run_dir = Path(args.run_dir or (REPO / "runs" / "gpu_smoke_run" if args.smoke else "/tmp/mcvd_gpu_run"))
     env = {"MCVD_MNIST_DIR": str(DATA / "mnist")}
     started = time.perf_counter()
+    config = run_config(args.config, extra)
     with open(out / "train.log", "a") as log:
-        max_steps = args.max_steps or steps_for(args.minutes, args, extra, out, log)
+        max_steps = args.max_steps or steps_for(args.minutes, config, args, out, log)
         # --hard_limit stops training in time for the last checkpoint to be exported and packed before the
         # device call's own limit (which would bring nothing back)
-        limit = args.hard_limit - (time.perf_counter() - started) - 45 if args.hard_limit else None
+        limit = args.hard_limit - (time.perf_counter() - started) - EXPORT_SECONDS if args.hard_limit else None
         code = run([py, "train_mcvd.py", "--config", args.config, "--output_dir", str(run_dir), "--overwrite", "true",
                     "--max_steps", str(max_steps), "--report_to", "none", *extra], log, timeout=limit, env=env)
         pipeline = run_dir / "pipeline"
@@ -235,7 +237,7 @@ def train(args, extra: list[str]) -> None:
                 return
             shutil.rmtree(pipeline, ignore_errors=True)
             run([py, "train_mcvd.py", "--export", str(checkpoints[-1]), "--to", str(pipeline),
-                 "--export_sampler", flag_value(extra, "--export_sampler", "ddim:20")], log, env=env)
+                 "--export_sampler", str(config.export_sampler)], log, env=env)
         if (run_dir / "train_summary.json").is_file():
             shutil.copyfile(run_dir / "train_summary.json", out / "train_summary.json")
         if args.num_clips:
@@ -272,6 +274,16 @@ def unpack(args) -> None:
         print(f"{name}: {target / name}")
 
 
+def above(bound: float, kind=float):
+    """An argparse type: a number greater than ``bound``."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > bound:
+            raise argparse.ArgumentTypeError(f"must be greater than {bound}, got {text}")
+        return value
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = parser.add_subparsers(dest="stage", required=True)
@@ -284,11 +296,11 @@ def main() -> None:
     p = stages.add_parser("train", help="device call 2: train, export, evaluate (extra flags go to train_mcvd.py)")
     p.add_argument("--config", default="configs/cpu.yaml")
     steps = p.add_mutually_exclusive_group(required=True)
-    steps.add_argument("--max_steps", type=int)
-    steps.add_argument("--minutes", type=float, help="train for about this long: max_steps from a timed probe")
-    p.add_argument("--seconds_per_step", type=float, default=0.1, help="--minutes' fallback if the probe fails")
-    p.add_argument("--hard_limit", type=float, help="seconds for the whole stage: training is stopped 45 s before "
-                   "it and its last checkpoint exported")
+    steps.add_argument("--max_steps", type=above(0, int))
+    steps.add_argument("--minutes", type=above(0), help="train for about this long: max_steps from a timed probe")
+    p.add_argument("--seconds_per_step", type=above(0), default=0.1, help="--minutes' fallback if the probe fails")
+    p.add_argument("--hard_limit", type=above(EXPORT_SECONDS), help="seconds for the whole stage: training is "
+                   f"stopped {EXPORT_SECONDS} s before it and its last checkpoint exported")
     p.add_argument("--samplers", nargs="+", default=["ddpm:1000", "ddim:50", "dpm++:20"])
     p.add_argument("--num_clips", type=int, default=256, help="0: no evaluation there (evaluate here instead)")
     p.add_argument("--samples_per_clip", type=int, default=10)

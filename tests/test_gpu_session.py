@@ -145,3 +145,20 @@ def test_a_probe_that_fails_falls_back_and_a_run_without_checkpoints_brings_noth
     assert commands[1][commands[1].index("--max_steps") + 1] == str(int(2 * 60 / (0.2 * 1.1)))
     assert "training failed" in (tmp_path / "out" / "train.log").read_text()
     assert not list((tmp_path / "out").glob("*.tar.*"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--minutes", "0"], "--minutes: must be greater than 0"),
+    (["--minutes", "5", "--hard_limit", "30"], "--hard_limit: must be greater than 45"),
+    (["--minutes", "5", "--batch_sise", "8"], "unknown config keys ['batch_sise']"),
+    (["--minutes", "5", "--export_sampler", "ddim"], "needs a step count"),
+])
+def test_a_bad_train_call_is_refused_before_anything_runs(session, tmp_path, monkeypatch, capsys, flags, message):
+    fake = FakeDevice(tmp_path / "run", step_s=0.05, checkpoints=[])
+    monkeypatch.setitem(session["train"].__globals__, "run", fake)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setattr(sys, "argv", ["gpu_session.py", "train", "--run_dir", str(fake.run_dir), *flags])
+    with pytest.raises(SystemExit) as exit_:
+        session["main"]()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert fake.calls == []  # no probe, no training: no device time spent
