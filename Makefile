@@ -45,7 +45,7 @@ demo-tasks: install
 train-demo: install
 	$(BIN)/python train_mcvd.py --config configs/quickstart.yaml --output_dir $(TRAIN_DEMO_DIR) --overwrite true
 	$(BIN)/python eval_mcvd.py --model $(TRAIN_DEMO_DIR)/pipeline --samplers shipped \
-		--num_clips 16 --samples_per_clip 2 --batch_size 32 --mnist_root bundled --out $(TRAIN_DEMO_DIR)/eval --update_model_card
+		--num_clips 64 --samples_per_clip 2 --batch_size 32 --mnist_root bundled --out $(TRAIN_DEMO_DIR)/eval --update_model_card
 
 test: install
 	$(BIN)/python -m pytest

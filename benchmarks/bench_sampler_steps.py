@@ -7,8 +7,10 @@ usage: python benchmarks/bench_sampler_steps.py --model checkpoints/mmnist-5to10
 The clips come from MNIST *validation* digits, drawn as training validates (the pipeline's own
 training config, training_info.json), never from the test set: a shipped step count chosen here
 is not tuned on the test clips. Every sampler predicts the 10 frames after the past, block by block
-(``--samplers ddim:10`` is 10 steps per block). Latency: one 10-frame prediction at batch 1 (median of
-5 runs after a warm-up), on this machine's threads.
+(``--samplers ddim:10`` is 10 steps per block) and is scored as eval_mcvd.py scores the test clips:
+MSE, SSIM, binarized SSIM, LPIPS-alex and -vgg, and digit identity at the validation digits' true
+positions. Latency: one 10-frame prediction at batch 1 (median of 5 runs after a warm-up), on this
+machine's threads.
 """
 
 import argparse
@@ -16,19 +18,21 @@ import json
 from pathlib import Path
 
 import torch
-from common import add_threads_option, apply_threads, environment, median_seconds, print_table, score, split_past_target, write_json
+from common import (add_threads_option, apply_threads, digit_scores, environment, median_seconds, metrics_in_chunks,
+                    print_table, score, split_past_target, write_json)
 
 from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers import MCVDPipeline
 from mcvd_diffusers.data.mnist import load_mnist
+from mcvd_diffusers.digit_classifier import DigitIdentity
 from mcvd_diffusers.evaluation import copy_last_frame
 from mcvd_diffusers.metrics import FrameMetrics
 from mcvd_diffusers.runtime import autocast, resolve_precision
 from mcvd_diffusers.schedulers import SamplerSpec
 from mcvd_diffusers.config import TrainConfig
-from mcvd_diffusers.validation import ValidationSet
+from mcvd_diffusers.validation import PREDICTED_FRAMES, ValidationSet
 
-METRICS = ("mse", "ssim", "ssim_binarized", "lpips_alex")
+METRICS = ("mse", "ssim", "ssim_binarized", "lpips_alex", "lpips_vgg")
 
 
 def main():
@@ -64,15 +68,20 @@ def main():
     pipe = MCVDPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     unet, trained = pipe.unet.eval(), pipe.scheduler
-    clips = ValidationSet(load_mnist("val", root=config.mnist_root), unet, config).clips
+    validation = ValidationSet(load_mnist("val", root=config.mnist_root), unet, config)
+    clips, num_past = validation.clips, unet.config.num_past_frames
     frame_metrics = FrameMetrics(metrics=METRICS)
+    # digit identity as eval_mcvd.py scores it, at the validation digits' true positions
+    digits = DigitIdentity(validation.positions[:, num_past : num_past + PREDICTED_FRAMES], validation.labels)
     past, target = split_past_target(unet, clips)
-    rows = [{"sampler": "copy last frame", **{k: v.mean().item() for k, v in
-                                              frame_metrics(copy_last_frame(past, target.shape[1]), target).items()}}]
+    copy_last = copy_last_frame(past, target.shape[1])
+    rows = [{"sampler": "copy last frame",
+             **{k: v.mean().item() for k, v in metrics_in_chunks(frame_metrics, copy_last, target).items()},
+             **digit_scores(digits, copy_last)}]
     for sampler in samplers:
         spec, steps = str(sampler), sampler.steps
         with autocast(precision, "cpu"):
-            scores = score(unet, trained, clips, spec, frame_metrics, samples=args.samples)
+            scores = score(unet, trained, clips, spec, frame_metrics, samples=args.samples, digits=digits)
             timed = MCVDPipeline(unet=unet, scheduler=sampler.build(trained.config))
             timed.set_progress_bar_config(disable=True)
             latency = median_seconds(lambda: timed(past[:1], num_frames=target.shape[1], num_inference_steps=steps),
@@ -83,7 +92,8 @@ def main():
           f"{torch.get_num_threads()} threads:")
     print_table(rows, [("sampler", "sampler"), ("seconds_batch1", "s/video (batch 1)"), ("mse", "MSE"),
                        ("ssim", "SSIM"), ("ssim_f1", "SSIM f1"), ("ssim_f5", "SSIM f5"), ("ssim_f10", "SSIM f10"),
-                       ("ssim_binarized", "SSIM bin"), ("lpips_alex", "LPIPS-alex")])
+                       ("ssim_binarized", "SSIM bin"), ("lpips_alex", "LPIPS-alex"), ("lpips_vgg", "LPIPS-vgg"),
+                       ("digit_acc", "digit acc"), ("digit_f10", "digit f10")])
     write_json(args.out, {"model": args.model, "val_clips": args.val_clips, "samples": args.samples,
                           "precision": precision, "requested_precision": args.precision, "rows": rows,
                           **environment(torch.device("cpu"))})

@@ -114,10 +114,13 @@ def write_json(path: str | None, payload: dict) -> None:
 
 
 @torch.no_grad()
-def score(unet, scheduler, clips: torch.Tensor, sampler: SamplerSpec | str, frame_metrics, samples: int = 1) -> dict:
+def score(unet, scheduler, clips: torch.Tensor, sampler: SamplerSpec | str, frame_metrics, samples: int = 1,
+          digits=None) -> dict:
     """Mean metrics of ``samples`` predictions per clip (seeded per clip and sample) of the ``PREDICTED_FRAMES``
     frames after each clip's past, rolled out block by block, with a named sampler built from ``scheduler``'s
-    config; SSIM also at predicted frames 1, 5 and 10 (``ssim_f1``, ``ssim_f5``, ``ssim_f10``)."""
+    config; SSIM also at predicted frames 1, 5 and 10 (``ssim_f1``, ``ssim_f5``, ``ssim_f10``). Given
+    ``digits`` (a ``DigitIdentity`` of the clips' predicted frames), also digit identity (``digit_acc``, and
+    ``digit_f10`` at frame 10)."""
     sampler = SamplerSpec.parse(sampler)
     steps = sampler.steps
     pipe = MCVDPipeline(unet=unet, scheduler=sampler.build(scheduler.config))
@@ -127,12 +130,27 @@ def score(unet, scheduler, clips: torch.Tensor, sampler: SamplerSpec | str, fram
     for s in range(samples):
         generators = [torch.Generator().manual_seed(i + (s << 20)) for i in range(len(clips))]
         video = pipe(past, num_frames=target.shape[1], num_inference_steps=steps, generator=generators).frames
-        for k, v in frame_metrics(video, target).items():
+        for k, v in metrics_in_chunks(frame_metrics, video, target).items():
             totals[k] = totals.get(k, 0.0) + v.mean().item() / samples
             if k == "ssim":
                 for frame in (1, 5, 10):
                     totals[f"ssim_f{frame}"] = totals.get(f"ssim_f{frame}", 0.0) + v[:, frame - 1].mean().item() / samples
+        for k, v in ({} if digits is None else digit_scores(digits, video)).items():
+            totals[k] = totals.get(k, 0.0) + v / samples
     return totals
+
+
+def metrics_in_chunks(frame_metrics, video: torch.Tensor, target: torch.Tensor, chunk: int = 64) -> dict:
+    """``frame_metrics(video, target)``, ``chunk`` clips at a time: LPIPS-VGG on every frame of 256 clips at once
+    needs over 20 GiB."""
+    parts = [frame_metrics(video[i : i + chunk], target[i : i + chunk]) for i in range(0, len(video), chunk)]
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+
+def digit_scores(digits, video: torch.Tensor) -> dict:
+    """Digit identity of predictions of every clip: the mean over readable digits' frames, and at frame 10."""
+    accuracy = digits(video, slice(None))  # (N, F), NaN where no digit is readable
+    return {"digit_acc": accuracy.nanmean().item(), "digit_f10": accuracy[:, PREDICTED_FRAMES - 1].nanmean().item()}
 
 
 def split_past_target(unet, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,9 +37,11 @@ class ValidationSet:
         self.clip_length = unet.clip_length
         self.num_past = unet.config.num_past_frames
         frames = MovingMNIST(digits.images, image_size=config.image_size, num_digits=config.num_digits,
-                             num_frames=max(unet.clip_length, self.num_past + PREDICTED_FRAMES), motion=config.motion)
+                             num_frames=max(unet.clip_length, self.num_past + PREDICTED_FRAMES), motion=config.motion,
+                             labels=digits.labels)
         n, steps = config.val_clips, config.num_train_timesteps
-        self.clips = frames.sample(n, generator)
+        # the layout (digit positions and labels) lets the benchmarks score digit identity on these clips
+        self.clips, self.positions, self.labels = frames.sample(n, generator, return_layout=True)
         self.noise = torch.randn((n, unet.config.num_current_frames, *unet.frame_shape), generator=generator)
         grid = training_timesteps(config)  # the loss is measured where the model trains
         if grid is None:

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from mcvd_diffusers import digit_classifier
+from mcvd_diffusers.config import TrainConfig, build_unet
 from mcvd_diffusers.data.mnist import load_mnist
 from mcvd_diffusers.data.moving_mnist import MovingMNIST, build_test_set, clip_layout, clips_to_video, load_test_set
-from mcvd_diffusers.digit_classifier import (DigitClassifier, crop_windows, digit_accuracy, load_digit_classifier,
-                                             readable_digits)
+from mcvd_diffusers.digit_classifier import (DigitClassifier, DigitIdentity, crop_windows, digit_accuracy,
+                                             load_digit_classifier, readable_digits)
+from mcvd_diffusers.validation import PREDICTED_FRAMES, ValidationSet
 
 # sha256 of the frames of build_test_set(bundled MNIST test digits, num_clips=8), as generated before the test
 # set recorded positions: recording the layout must not change a single pixel (cached results depend on them).
@@ -194,3 +196,18 @@ def test_frames_without_a_readable_digit_are_left_out_of_the_averages():
     assert stats["per_frame"] == [0.5, 0.0, 0.5]
     json.dumps(stats, allow_nan=False)  # JSON without NaN
     assert aggregate({DIGIT_ACC: torch.full((2, 1, 3), nan)})[DIGIT_ACC]["mean_of_k"] == {"mean": None, "ci95": None}
+
+
+def test_validation_clips_record_where_their_digits_are_for_digit_identity_on_validation():
+    # bench_sampler_steps.py scores digit identity on the validation clips that choose samplers and recipes
+    config = TrainConfig.from_dict({"preset": "tiny", "num_past_frames": 5, "num_current_frames": 2,
+                                    "val_clips": 32, "mnist_root": "bundled"})
+    validation = ValidationSet(load_mnist("val", root="bundled"), build_unet(config), config)
+    predicted = slice(5, 5 + PREDICTED_FRAMES)
+    digits = DigitIdentity(validation.positions[:, predicted], validation.labels)
+    truth = validation.clips[:, predicted]
+    assert validation.positions.shape == (32, validation.clips.shape[1], 2, 2) and validation.labels.shape == (32, 2)
+    assert digits(truth, slice(None)).nanmean() > 0.9  # the frames hold those digits at those places
+    assert digits(torch.zeros_like(truth), slice(None)).nanmean() < 0.3
+    shifted = DigitIdentity(validation.positions[:, predicted], (validation.labels + 1) % 10)
+    assert shifted(truth, slice(None)).nanmean() < 0.1

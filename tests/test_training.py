@@ -272,12 +272,12 @@ def test_validation_loss_is_fixed_and_uses_validation_digits(uninterrupted):
 def _interrupt_data_at(monkeypatch, call: int, batch_size: int = 2):
     original, calls = MovingMNIST.sample, {"n": 0}
 
-    def sample(self, n, generator=None, dtype=torch.float32):
+    def sample(self, n, generator=None, *args, **kwargs):
         if n == batch_size:
             calls["n"] += 1
             if calls["n"] == call:
                 raise KeyboardInterrupt("Ctrl-C")
-        return original(self, n, generator, dtype)
+        return original(self, n, generator, *args, **kwargs)
 
     monkeypatch.setattr(MovingMNIST, "sample", sample)
 
