@@ -6,7 +6,8 @@ usage: python benchmarks/bench_train.py [--presets tiny fast paper] [--precision
 A step is what train_mcvd.py does each step: draw fresh clips on the device, forward and
 backward under the precision's autocast, clip gradients, AdamW. FLOPs per step (forward +
 backward) are counted with torch.utils.flop_counter; MFU = FLOPs per step / (step time x the
-device's bf16 dense matmul rate, measured in the same run with a large matmul). Every preset
+device's dense matmul rate, measured in the same run with a large matmul, in bf16 where the device
+runs bf16 natively, else in fp32: an emulated bf16 rate would make MFU meaningless). Every preset
 also runs once as fp32 eager without fast paths: "speedup" is relative to that row.
 """
 
@@ -19,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mcvd_diffusers.cli import FlagParser
 from mcvd_diffusers import PRESETS, MCVDUNet2DModel, make_noise_scheduler
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
-from mcvd_diffusers.runtime import CHOICES_TEXT, autocast, maybe_compile, resolve_precision, to_channels_last
+from mcvd_diffusers.runtime import (CHOICES_TEXT, autocast, bf16_is_native, maybe_compile, resolve_precision,
+                                    to_channels_last)
 from mcvd_diffusers.losses import diffusion_loss
 
 
@@ -80,7 +82,8 @@ def main():
     except ValueError as e:
         parser.error(str(e))
     batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    peak = matmul_tflops(device)
+    peak_dtype = "bf16" if bf16_is_native(device) else "fp32"
+    peak = matmul_tflops(device, dtype=torch.bfloat16 if peak_dtype == "bf16" else torch.float32)
     fast = [name for name, on in (("channels_last", args.channels_last), ("compile", args.compile),
                                   ("fused_adamw", args.fused_adamw)) if on]
     rows = []
@@ -106,12 +109,14 @@ def main():
                 "speedup_vs_fp32_eager": baseline / seconds,
             })
     env = environment(device)
-    print(f"device: {env['device']}; measured bf16 matmul peak {peak:.3g} TFLOP/s; torch {env['versions']['torch']}")
+    print(f"device: {env['device']}; measured {peak_dtype} matmul peak {peak:.3g} TFLOP/s; "
+          f"torch {env['versions']['torch']}")
     print_table(rows, [("preset", "preset"), ("precision", "precision"), ("fast_paths", "fast paths"),
                        ("parameters_M", "params (M)"), ("batch_size", "batch"), ("step_s", "step (s)"),
                        ("samples_per_s", "samples/s"), ("train_GFLOP_per_sample", "GFLOP/sample"),
                        ("achieved_TFLOPs", "TFLOP/s"), ("mfu", "MFU"), ("speedup_vs_fp32_eager", "speedup")])
-    write_json(args.out, {**env, "bf16_matmul_TFLOPs": peak, "requested_precisions": args.precisions, "results": rows})
+    write_json(args.out, {**env, "matmul_peak_TFLOPs": peak, "matmul_peak_dtype": peak_dtype,
+                          "requested_precisions": args.precisions, "results": rows})
 
 
 if __name__ == "__main__":

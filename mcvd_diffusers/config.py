@@ -4,6 +4,7 @@ overrides, validated once where it is built, and the rules for resuming a run wi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -133,6 +134,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
     max_steps: int = key(10000, "optimizer steps")
     learning_rate: float = key(2e-4, "AdamW's peak learning rate")
+    adam_beta1: float = key(0.9, "AdamW's first-moment decay")
+    adam_beta2: float = key(0.999, "AdamW's second-moment decay; 0.99 tracks the gradient's scale faster, which "
+                                   "steadies short runs at high learning rates")
     grad_clip: float = key(1.0, "the gradient norm is clipped to this")
     ema_decay: float = key(0.999, "the ceiling; EMA warms up towards it (diffusers EMAModel, power 2/3)")
     mixed_precision: str = key("auto",
@@ -227,6 +231,8 @@ class TrainConfig:
         levels = len(PRESETS[self.preset]["block_out_channels"]) if self.preset in PRESETS else 1
         patch = self.patch_size or (PRESETS[self.preset].get("patch_size", 1) if self.preset in PRESETS else 1)
         patch = patch if patch >= 1 else 1
+        groups = PRESETS.get(self.preset, {}).get(  # GroupNorm splits every level's channels into these groups
+            "norm_num_groups", inspect.signature(MCVDUNet2DModel.__init__).parameters["norm_num_groups"].default)
         return [
             (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}"),
             (self.num_past_frames >= 0 and self.num_current_frames >= 1 and self.num_future_frames >= 0,
@@ -242,6 +248,8 @@ class TrainConfig:
                                                  and all(c >= 1 for c in self.block_out_channels)),
              f"block_out_channels must list {levels} positive widths, one per level of the {self.preset} preset "
              "(or null: the preset's)"),
+            (self.block_out_channels is None or all(c % groups == 0 for c in self.block_out_channels),
+             f"block_out_channels must be multiples of {groups}, the {self.preset} preset's norm_num_groups"),
             (self.image_size >= 28 and self.image_size % (patch * 2 ** (levels - 1)) == 0,
              f"image_size must be >= 28 and a multiple of {patch * 2 ** (levels - 1)} (patch_size {patch} x "
              f"2^{levels - 1}: the {self.preset} preset runs on a grid of image_size/{patch} and halves it "
@@ -292,6 +300,7 @@ class TrainConfig:
             (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              "checkpoints_total_limit must be >= 1 (or null: keep all)"),
             (self.resume_from_checkpoint != "", "resume_from_checkpoint must be 'latest', a folder, or null"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)"),
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.report_to in ("tensorboard", "none"), "report_to must be 'tensorboard' or 'none'"),
             (not self.push_to_hub or bool(self.hub_model_id), "push_to_hub needs hub_model_id ('user/name')"),

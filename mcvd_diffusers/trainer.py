@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
     if config.channels_last:
         to_channels_last(unet)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0,
-                                  fused=config.fused_adamw or None)
+                                  betas=(config.adam_beta1, config.adam_beta2), fused=config.fused_adamw or None)
     # Not passed to accelerator.prepare, which would step it once per process: it counts optimizer steps.
     lr_schedule = make_lr_schedule(config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps,
                                    total_steps=config.max_steps, factor=config.plateau_factor,
@@ -218,6 +219,7 @@ class LossMeter:
 
     def __init__(self, run: Run):
         self.run, self.grad_norm = run, None
+        self.lowest, self.warned = (math.inf, run.step), False
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
@@ -233,6 +235,7 @@ class LossMeter:
         mean = run.accelerator.reduce(self.total, "mean").item() / self.micro_batches
         _stop_if_not_finite(mean, self.since_step, run.step, run.out / "checkpoints")
         run.history["train_loss"] = mean
+        self._warn_if_diverged(mean)
         samples = (run.step - self.since_step) * run.config.batch_size * run.config.gradient_accumulation_steps
         logs = {"train/loss": mean, "train/lr": run.lr_schedule.get_last_lr()[0],
                 "train/grad_norm": float(self.grad_norm),
@@ -240,6 +243,19 @@ class LossMeter:
         run.accelerator.log(logs, step=run.step)
         progress.set_postfix(loss=f"{mean:.4f}", lr=f"{logs['train/lr']:.2e}")
         self._reset(now)
+
+    def _warn_if_diverged(self, mean: float) -> None:
+        """Warn once when a mean over 10+ batches doubles the lowest such mean: runs whose learning rate was too
+        high jumped so (.05 to .15 in a few steps) and never came back, with a finite loss nothing else caught."""
+        if self.micro_batches < 10:  # fewer batches are too noisy to compare
+            return
+        if mean > 2 * self.lowest[0] and not self.warned:
+            self.warned = True  # the mean is reduced across processes: every process sees it, the main one says it
+            if self.run.accelerator.is_main_process:
+                    warnings.warn(f"the training loss rose to {mean:.4g} at step {self.run.step}, over twice its lowest "
+                              f"mean ({self.lowest[0]:.4g} at step {self.lowest[1]}): the run has probably diverged; "
+                              "resume an earlier checkpoint with a lower learning_rate", RuntimeWarning, stacklevel=2)
+        self.lowest = min(self.lowest, (mean, self.run.step))
 
 
 @contextlib.contextmanager

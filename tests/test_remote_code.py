@@ -255,13 +255,19 @@ def test_the_copied_files_stand_alone(name, relative):
 
 
 def test_folders_saved_before_the_unet_moved_still_load(tiny, tmp_path):
-    tiny.save_pretrained(tmp_path / "old")
+    for name in ("old", "new"):
+        tiny.save_pretrained(tmp_path / name)
     index_path = tmp_path / "old" / "model_index.json"
     index = json.loads(index_path.read_text())
     index_path.write_text(json.dumps({**index, "unet": ["mcvd_diffusers.models.unet_mcvd", "MCVDUNet2DModel"]}))
     pipe = MCVDPipeline.from_pretrained(tmp_path / "old")
     assert type(pipe.unet) is MCVDUNet2DModel
-    np.testing.assert_array_equal(predict(pipe), predict(tiny))
+    saved = tiny.unet.state_dict()
+    assert all(torch.equal(value, saved[name]) for name, value in pipe.unet.state_dict().items())
+    # The same frames as the folder that names the new module, both loaded by from_pretrained. Not the in-memory
+    # model's: loaded weights may start off a 64-byte boundary (seen: 44), and there an AVX2-only CPU (AMD Zen 3)
+    # rounds the first Linear differently (1e-7) from the same weights, bit for bit, aligned.
+    np.testing.assert_array_equal(predict(pipe), predict(MCVDPipeline.from_pretrained(tmp_path / "new")))
 
 
 def test_a_folder_that_is_not_an_mcvd_pipeline_is_refused(tiny, tmp_path):

@@ -1,7 +1,9 @@
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -99,6 +101,11 @@ def test_config_rejects_unknown_keys_and_bad_values():
         ({"block_out_channels": [16, 32]}, "block_out_channels must list 3 positive widths"),
         ({"block_out_channels": [16, 0, 32]}, "block_out_channels must list 3 positive widths"),
         ({"block_out_channels": [16, 32, 6.5]}, "'block_out_channels' expects"),
+        ({"preset": "cpu", "block_out_channels": [48, 96, 96]},
+         "block_out_channels must be multiples of 32, the cpu preset's norm_num_groups"),
+        ({"block_out_channels": [16, 20, 32]}, "block_out_channels must be multiples of 8, the tiny preset's"),
+        ({"adam_beta2": 1.0}, r"adam_beta1 and adam_beta2 must be in \[0, 1\)"),
+        ({"adam_beta1": -0.1}, r"adam_beta1 and adam_beta2 must be in \[0, 1\)"),
         ({"noise_shift": 0.0}, "noise_shift must be a finite number > 0"),
         ({"noise_shift": float("inf")}, "noise_shift must be a finite number > 0"),
         ({"mixed_precision": "fp64"}, r"mixed_precision must be one of auto, no \(or fp32\), bf16, fp16, got 'fp64'"),
@@ -329,6 +336,8 @@ def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninte
     shutil.copytree(uninterrupted, out)
     with pytest.raises(ValueError, match=r"cannot resume .*learning_rate: checkpoint 0.001, now 0.002"):
         train(small_config(out, learning_rate=2e-3, resume_from_checkpoint="latest"))
+    with pytest.raises(ValueError, match=r"cannot resume .*adam_beta2: checkpoint 0.999, now 0.99"):
+        train(small_config(out, adam_beta2=0.99, resume_from_checkpoint="latest"))
     with pytest.raises(ValueError, match=r"the training digits \(MNIST files in .*\) are not the ones .*bundled MNIST"):
         train(small_config(out, mnist_root=str(mnist_dir), resume_from_checkpoint="latest"))  # may move, not change
     with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
@@ -345,6 +354,31 @@ def test_resume_refuses_an_incompatible_config_and_extends_a_finished_run(uninte
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 8 and [v["step"] for v in summary["validations"]] == [2, 4, 6, 8]
     assert (summary["precision"]["requested"], summary["precision"]["resolved"]) == ("auto", "no")
+
+
+def test_a_loss_that_jumps_and_stays_up_is_warned_about_once(tmp_path, monkeypatch):
+    from mcvd_diffusers import trainer
+
+    config = dict(max_steps=40, log_every=10, validate_every=20, checkpoint_every=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(small_config(tmp_path / "steady", **config))
+    assert not [w for w in caught if "diverged" in str(w.message)]
+
+    original, calls = trainer.diffusion_loss, {"n": 0}
+
+    def jumping_loss(*args, **kwargs):  # what runs at too high a learning rate did: a jump that never came back
+        calls["n"] += 1
+        return original(*args, **kwargs) * (3 if calls["n"] > 20 else 1)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", jumping_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(small_config(tmp_path / "jumped", **config))
+    diverged = [str(w.message) for w in caught if "diverged" in str(w.message)]
+    assert len(diverged) == 1, diverged  # once, though steps 30 and 40 are both up
+    assert re.search(r"rose to [\d.]+ at step 30, over twice its lowest mean \([\d.]+ at step (10|20)\)", diverged[0])
+    assert (tmp_path / "jumped" / "pipeline").is_dir()  # a warning: the run itself goes on
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -424,7 +458,7 @@ def test_training_with_the_cpu_fast_paths_and_accumulation(tmp_path, monkeypatch
     monkeypatch.setattr(runtime, "cpu_model_name", lambda: "Test CPU 9000")
     config = small_config(tmp_path / "run", max_steps=2, mixed_precision="auto", channels_last=True,
                           fused_adamw=True, gradient_accumulation_steps=2, min_snr_gamma=5.0, lr_scheduler="cosine",
-                          sample_every=2)
+                          sample_every=2, adam_beta2=0.99)
     pipe = MCVDPipeline.from_pretrained(train(config))
     assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
     set_seed(config.seed)  # the weights the run started from
@@ -442,6 +476,8 @@ def test_training_with_the_cpu_fast_paths_and_accumulation(tmp_path, monkeypatch
     card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
     assert "- precision: bf16 (auto: this CPU has native bf16: Test CPU 9000)\n- config:" in card
     assert (tmp_path / "run" / "samples" / "step-0000002.gif").stat().st_size > 1000
+    optimizer = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "optimizer.bin", weights_only=True)
+    assert optimizer["param_groups"][0]["betas"] == (0.9, 0.99)  # the config's, not AdamW's default (0.9, 0.999)
 
 
 def _launch(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
