@@ -1,4 +1,6 @@
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,8 @@ from mcvd_diffusers import MCVDPipeline, MCVDUNet2DModel, make_noise_scheduler
 
 # ../shared/data beside the repository holds what downloads would bring (MNIST, LPIPS weights).
 SHARED_DATA = Path(os.environ.get("MCVD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -29,6 +33,25 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    """Runs a command-line script of the repository in this process, as `python SCRIPT ARGS` would (from the
+    repository, the script's folder first on sys.path), and returns its exit code and stderr. For commands that
+    must stop before any work: a fresh interpreter would spend ~8 s importing torch and diffusers each time."""
+    def run(script: str, *args: str) -> tuple[int, str]:
+        path = REPO / script
+        monkeypatch.chdir(REPO)
+        monkeypatch.syspath_prepend(str(path.parent))
+        monkeypatch.setattr(sys, "argv", [str(path), *args])
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(path), run_name="__main__")
+        code, err = stopped.value.code, capsys.readouterr().err
+        if isinstance(code, str):  # sys.exit("message"): the interpreter would print it and exit with 1
+            return 1, err + code
+        return code or 0, err
+    return run
 
 
 @pytest.fixture(scope="session")

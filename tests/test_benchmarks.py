@@ -257,10 +257,9 @@ def test_bench_data(tmp_path, recorder, capsys):
         ("bench_data", ["--preset", "huge"], "unknown preset"),
     ],
 )
-def test_bad_arguments(script, args, message):
-    result = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args, "--device", "cpu"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr
+def test_bad_arguments(script, args, message, run_script):
+    code, stderr = run_script(f"benchmarks/{script}.py", *args, "--device", "cpu")
+    assert code == 2 and message in stderr
 
 
 def test_recipe_search_trains_candidates_at_equal_cpu_time(tmp_path):

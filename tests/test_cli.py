@@ -60,9 +60,9 @@ def test_train_then_evaluate_writes_a_gif_and_metrics(tmp_path):
         (["benchmarks/bench_data.py", "--preset", "tiny", "--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
-def test_bad_arguments_fail_before_any_work(args, message):
-    result = run(*args)
-    assert result.returncode == 2 and message in result.stderr
+def test_bad_arguments_fail_before_any_work(args, message, run_script):
+    code, stderr = run_script(*args)
+    assert code == 2 and message in stderr
 
 
 def test_both_commands_document_every_key_with_its_help_and_default():

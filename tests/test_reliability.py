@@ -300,12 +300,10 @@ def test_overwrite_only_ever_deletes_a_run_folder(tmp_path):
     ("hub_model_id", "me/my model", "hub_model_id 'me/my model' is not a valid Hub repo id"),
     ("output_dir", "README.md", "output_dir README.md cannot be created: README.md is a file, not a folder"),
 ])
-def test_bad_values_are_refused_on_one_line_before_any_work(key, value, message, monkeypatch):
-    monkeypatch.chdir(REPO)
-    result = subprocess.run([sys.executable, "train_mcvd.py", "--config", "configs/tiny.yaml", f"--{key}", value],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-    assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1
+def test_bad_values_are_refused_on_one_line_before_any_work(key, value, message, run_script):
+    code, stderr = run_script("train_mcvd.py", "--config", "configs/tiny.yaml", f"--{key}", value)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if "error:" in line]) == 1
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig.from_dict({key: value})
 
