@@ -246,6 +246,39 @@ def test_bench_data(tmp_path, recorder, capsys):
     assert float(match[3]) == pytest.approx(payload["data_over_train_ratio"], abs=0.051)
 
 
+def test_bench_metrics(tmp_path, recorder):
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    from mcvd_diffusers.metrics import METRICS, FrameMetrics
+
+    recorder.record(FrameMetrics, "__call__", "score", lambda a: {
+        "metrics": a["self"].metrics, "videos": a["prediction"].shape[0], "frames": a["prediction"].shape[1]})
+    recorder.record(LearnedPerceptualImagePatchSimilarity, "update", "lpips", lambda a: {
+        "frames_channels_last": not a["img1"].is_contiguous(),
+        "weights_channels_last": next(a["self"].parameters()).is_contiguous(memory_format=torch.channels_last)})
+    payload = recorder.run("bench_metrics", tmp_path, "--videos", "2", "--frames", "3", "--repeats", "2")
+    rows = {(r["metric"], r["layout"]): r["seconds_per_video"] for r in payload["results"]}
+    lpips = ("lpips_alex", "lpips_vgg")
+    assert set(rows) == ({(m, "") for m in METRICS if m not in lpips} | {("all", "")}
+                         | {(m, layout) for m in lpips for layout in ("channels_last", "nchw")})
+    # each metric as the library scores it, then all at once: the median of the last 2 of 3 calls, per video
+    for name in (*METRICS, "all"):
+        wanted = tuple(METRICS) if name == "all" else (name,)
+        calls = [c for c in recorder.of("score") if c.info["metrics"] == wanted]
+        assert len(calls) == 3 and all(c.info["videos"] == 2 and c.info["frames"] == 3 for c in calls), name
+        layout = "channels_last" if name in lpips else ""
+        recorder.check_median(rows[name, layout] * 2, [(c.start, c.end) for c in calls[-2:]], name)
+    # the library's LPIPS runs frames and weights in channels_last; the comparison rows in torch's default
+    # layout, both, 3 calls per network (AlexNet, then VGG)
+    updates = recorder.of("lpips")
+    layouts = {(c.info["frames_channels_last"], c.info["weights_channels_last"]) for c in updates}
+    assert layouts == {(True, True), (False, False)}
+    nchw = [c for c in updates if not c.info["frames_channels_last"]]
+    assert len(nchw) == 6
+    for name, calls in zip(lpips, (nchw[:3], nchw[3:])):
+        recorder.check_median(rows[name, "nchw"] * 2, [(c.start, c.end) for c in calls[-2:]], f"{name} nchw")
+
+
 @pytest.mark.parametrize(
     "script, args, message",
     [
@@ -255,6 +288,7 @@ def test_bench_data(tmp_path, recorder, capsys):
         ("bench_sample", ["--samplers", "euler:5"], "unknown sampler 'euler'"),
         ("bench_sample", ["--batch-sizes", "max"], "give numbers on CPU"),
         ("bench_data", ["--preset", "huge"], "unknown preset"),
+        ("bench_metrics", ["--videos", "0"], "--videos, --frames and --repeats must be >= 1"),
     ],
 )
 def test_bad_arguments(script, args, message, run_script):

@@ -93,3 +93,20 @@ def test_missing_lpips_weights_say_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth.*set TORCH_HOME"):
         metrics.load_lpips("lpips_alex")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:torchvision")  # the lpips package loads backbones the old way
+@pytest.mark.parametrize("name, net", [("lpips_alex", "alex"), ("lpips_vgg", "vgg")])
+def test_lpips_agrees_with_the_reference_package(frame_metrics, name, net):
+    """Our LPIPS (torchmetrics', run in channels_last) against the lpips package of Zhang et al., on grey frames
+    replicated to RGB in [-1, 1] as the protocol says."""
+    import lpips
+
+    prediction, target = video(3), video(4)
+    reference = lpips.LPIPS(net=net, verbose=False).eval()
+    rgb = lambda x: (2 * x.flatten(0, 1) - 1).expand(-1, 3, -1, -1)  # noqa: E731
+    with torch.no_grad():
+        expected = reference(rgb(prediction), rgb(target)).reshape(2, 3)
+    ours = frame_metrics(prediction, target)[name]
+    assert expected.min() > 0.05  # random frames are far apart: a comparison that means something
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
