@@ -12,10 +12,9 @@ import argparse
 
 import torch
 from common import add_threads_option, apply_threads, environment, median_seconds, pick_device, print_table, write_json
-from diffusers.video_processor import VideoProcessor
 
 from mcvd_diffusers.cli import FlagParser
-from mcvd_diffusers.metrics import LPIPS_BACKBONES, METRICS, FrameMetrics
+from mcvd_diffusers.metrics import LPIPS_BACKBONES, METRICS, FrameMetrics, lpips_input
 
 
 def main():
@@ -42,8 +41,7 @@ def main():
                      "seconds_per_video": seconds / args.videos})
         if name in LPIPS_BACKBONES:  # the same network and frames in torch's default layout, for comparison
             metric = scorer.lpips[name].to(memory_format=torch.contiguous_format)
-            frames = [VideoProcessor.normalize(x.flatten(0, 1)).expand(-1, 3, -1, -1).contiguous()
-                      for x in (prediction, target)]
+            frames = [lpips_input(x, torch.contiguous_format) for x in (prediction, target)]
             seconds = median_seconds(lambda m=metric: (m.reset(), m.update(*frames), m.compute()), device,
                                      args.repeats)
             rows.append({"metric": name, "layout": "nchw", "seconds_per_video": seconds / args.videos})

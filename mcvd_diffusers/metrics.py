@@ -89,9 +89,15 @@ def load_lpips(name: str, device: torch.device | str = "cpu") -> LearnedPerceptu
             f"holding hub/checkpoints/{weights} (TORCH_HOME is {os.environ.get('TORCH_HOME', 'unset')})."
         ) from e
     # channels_last: oneDNN's convolutions skip a layout reorder per layer. LPIPS-VGG is most of a CPU evaluation's
-    # scoring time: 0.62 -> 0.42 s per 10-frame video on 2 threads of an AMD EPYC (Zen 3, fp32), the same values to
-    # 1e-7 (benchmarks/bench_metrics.py)
+    # scoring time: 0.62 -> 0.42 s per 10-frame video on 2 threads of an AMD EPYC (Zen 3, no native bf16; fp32),
+    # the same values to 1e-7 (benchmarks/bench_metrics.py)
     return metric.to(device, memory_format=torch.channels_last).eval()
+
+
+def lpips_input(frames: torch.Tensor, memory_format=torch.channels_last) -> torch.Tensor:
+    """(..., C, H, W) frames in [0, 1] -> (N, 3, H, W) in [-1, 1], grey replicated to RGB, in the layout of the
+    network (``load_lpips`` puts it in channels_last)."""
+    return VideoProcessor.normalize(frames.flatten(0, -4)).expand(-1, 3, -1, -1).contiguous(memory_format=memory_format)
 
 
 class FrameMetrics:
@@ -124,12 +130,10 @@ class FrameMetrics:
     @staticmethod
     def _lpips(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         lead = prediction.shape[:-3]
-        as_rgb = lambda x: (VideoProcessor.normalize(x.flatten(0, -4)).expand(-1, 3, -1, -1)  # noqa: E731  grey -> 3
-                            .contiguous(memory_format=torch.channels_last))  # channels, laid out as the network is
         if prediction.shape[-3] not in (1, 3):
             raise ValueError(f"LPIPS needs 1- or 3-channel frames, got {prediction.shape[-3]}")
         metric.reset()
-        metric.update(as_rgb(prediction), as_rgb(target))  # torchmetrics checks the [-1, 1] range
+        metric.update(lpips_input(prediction), lpips_input(target))  # torchmetrics checks the [-1, 1] range
         return metric.compute().reshape(lead)
 
 
