@@ -77,13 +77,11 @@ ROUND2: dict[str, dict] = {
     "b5": dict(num_current_frames=5),  # MCVD's big SMMNIST model
     "b2": dict(num_current_frames=2),  # MCVD's small SMMNIST model
     "b1": dict(num_current_frames=1),
-    "b5-res": dict(num_current_frames=5, residual_to_last_past=True),  # x0 relative to the last past frame
     # at the best block size (2, after the first pairs)
     "b2-w128": dict(num_current_frames=2, block_out_channels=[128, 128, 128]),
     "b2-p2": dict(num_current_frames=2, patch_size=2),
     "b2-shift2": dict(num_current_frames=2, noise_shift=2.0),
     "b2-ctx0.1": dict(num_current_frames=2, past_noise_augment=0.1),  # context noise augmentation (GameNGen)
-    "b2-res": dict(num_current_frames=2, residual_to_last_past=True),
     "b5-w128": dict(num_current_frames=5, block_out_channels=[128, 128, 128]),
     "b5-p2": dict(num_current_frames=5, patch_size=2),
     "b5-shift2": dict(num_current_frames=5, noise_shift=2.0),

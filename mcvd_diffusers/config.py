@@ -94,10 +94,6 @@ class TrainConfig:
     prob_mask_future: float = key(0.0, "> 0 lets an interpolation model also predict")
     patch_size: int | None = key(None, "space-to-depth factor of the UNet's input; None: the preset's")
     block_out_channels: list[int] | None = key(None, "the UNet's width per level; None: the preset's")
-    residual_to_last_past: bool = key(False,
-                                      "x0 relative to the last past frame: the network predicts each frame's "
-                                      "difference to it (prediction_type \"sample\" only); recorded in the UNet's "
-                                      "config, so the saved model adds the frame back itself")
     partial_past_mask: bool = key(False,
                                   "a masked past keeps its last k frames (none for half the masked samples, else k "
                                   "uniform in 1..num_past_frames-1), so unconditional generation can roll out "
@@ -261,9 +257,6 @@ class TrainConfig:
             (self.num_train_timesteps >= 2, "num_train_timesteps must be >= 2"),
             (math.isfinite(self.noise_shift) and self.noise_shift > 0, "noise_shift must be a finite number > 0"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma must be > 0 (or null: off)"),
-            (not self.residual_to_last_past or self.prediction_type == "sample",
-             "residual_to_last_past needs prediction_type 'sample' (the network's x0 is relative to the last past frame)"),
-            (not self.residual_to_last_past or self.num_past_frames > 0, "residual_to_last_past needs num_past_frames > 0"),
             (0 <= self.past_noise_augment <= 1, "past_noise_augment must be in [0, 1] (a noise std on data in [-1, 1])"),
         ]
 
@@ -384,7 +377,6 @@ def build_unet(config: TrainConfig) -> MCVDUNet2DModel:
         num_future_frames=config.num_future_frames,
         prob_mask_past=config.prob_mask_past,
         prob_mask_future=config.prob_mask_future,
-        residual_to_last_past=config.residual_to_last_past,
         partial_past_mask=config.partial_past_mask,
     )
 

@@ -269,10 +269,6 @@ class MCVDPipeline(DiffusionPipeline):
             raise ValueError(f"{type(self.scheduler).__name__} is not supported by MCVDPipeline: it does not sample "
                              f"this model's discrete-timestep diffusion exactly. Use one of {list(SUPPORTED_SCHEDULERS)}"
                              ", e.g. DDIMScheduler.from_config(pipe.scheduler.config)")
-        if getattr(cfg, "residual_to_last_past", False) and self.scheduler.config.prediction_type != "sample":
-            raise ValueError("this UNet predicts x0 relative to the last past frame (residual_to_last_past), so its "
-                             "scheduler needs prediction_type='sample', got "
-                             f"{self.scheduler.config.prediction_type!r}")
         for name, value in (("num_inference_steps", num_inference_steps), ("num_frames", num_frames),
                             ("num_videos_per_prompt", num_videos_per_prompt)):
             if not _is_count(value):

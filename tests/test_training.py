@@ -150,7 +150,7 @@ def test_shipped_configs_are_valid():
     # make train-demo is the shipped recipe scaled down: the same network and block layout, on the bundled digits
     cpu, quick = configs["cpu"], configs["quickstart"]
     for key in ("preset", "patch_size", "block_out_channels", "num_past_frames", "num_current_frames",
-                "prediction_type", "residual_to_last_past", "beta_schedule", "mixed_precision"):
+                "prediction_type", "beta_schedule", "mixed_precision"):
         assert getattr(quick, key) == getattr(cpu, key), key
     assert quick.mnist_root == "bundled" and quick.max_steps * quick.batch_size < cpu.max_steps * cpu.batch_size / 10
     assert configs["cpu"].prediction_type == "sample" and configs["cpu"].mixed_precision == "auto"

@@ -81,7 +81,7 @@ def _check_grid(sample_size, patch_size: int, levels: int) -> None:
 
 
 def _check_layout(num_past_frames, num_current_frames, num_future_frames, frame_channels, prob_mask_past,
-                  prob_mask_future, patch_size, residual_to_last_past, partial_past_mask, sample_size,
+                  prob_mask_future, patch_size, partial_past_mask, sample_size,
                   levels) -> tuple[int, int]:
     """Checks the frame layout and masking keys; returns the UNet's in and out channels they imply."""
     if num_past_frames < 0 or num_current_frames < 1 or num_future_frames < 0 or frame_channels < 1:
@@ -93,14 +93,10 @@ def _check_layout(num_past_frames, num_current_frames, num_future_frames, frame_
         if not 0 <= p <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
     _check_grid(sample_size, patch_size, levels)
-    if not isinstance(residual_to_last_past, bool):
-        raise ValueError(f"residual_to_last_past must be true or false, got {residual_to_last_past!r}")
     if not isinstance(partial_past_mask, bool):
         raise ValueError(f"partial_past_mask must be true or false, got {partial_past_mask!r}")
     if partial_past_mask and prob_mask_past == 0:
         raise ValueError("partial_past_mask needs prob_mask_past > 0 (it says how a masked past is masked)")
-    if residual_to_last_past and num_past_frames == 0:
-        raise ValueError("residual_to_last_past needs past frames (num_past_frames >= 1)")
     frames = num_past_frames + num_current_frames + num_future_frames
     return frames * frame_channels * patch_size**2, num_current_frames * frame_channels * patch_size**2
 
@@ -124,10 +120,6 @@ class MCVDUNet2DModel(UNet2DModel):
         patch_size: the UNet runs on frames pixel-unshuffled by this factor (space-to-depth: an
             HxW frame becomes (H/p)x(W/p) with p*p times the channels) and its output is
             pixel-shuffled back; 1 runs it at full resolution.
-        residual_to_last_past: the network's output is added to the last past frame (zeros where the
-            past is masked), so an x0-predicting network learns each frame's difference to the last
-            frame it was shown, and a still frame is its zero output. Only for ``prediction_type``
-            "sample" (the pipeline checks); False (configs saved before this key) predicts plainly.
         in_channels / out_channels: derived from the layout; leave them None.
     """
 
@@ -141,7 +133,6 @@ class MCVDUNet2DModel(UNet2DModel):
         prob_mask_past: float = 0.0,
         prob_mask_future: float = 0.0,
         patch_size: int = 1,
-        residual_to_last_past: bool = False,
         partial_past_mask: bool = False,
         sample_size: int = 64,
         in_channels: int | None = None,
@@ -174,7 +165,7 @@ class MCVDUNet2DModel(UNet2DModel):
     ):
         expected_in, expected_out = _check_layout(
             num_past_frames, num_current_frames, num_future_frames, frame_channels, prob_mask_past, prob_mask_future,
-            patch_size, residual_to_last_past, partial_past_mask, sample_size, len(block_out_channels))
+            patch_size, partial_past_mask, sample_size, len(block_out_channels))
         if in_channels not in (None, expected_in) or out_channels not in (None, expected_out):
             raise ValueError(
                 f"in_channels/out_channels follow from the frame layout and patch size ({expected_in}/{expected_out}); "
@@ -334,10 +325,6 @@ class MCVDUNet2DModel(UNet2DModel):
         if patch > 1:
             out = F.pixel_shuffle(out, patch)
         out = out.reshape(sample.shape)
-        if cfg.residual_to_last_past:  # the last past frame as the conditioning block holds it (masked: zeros)
-            channels = cfg.frame_channels
-            last_past = blocks[0][:, -channels:].reshape(sample.shape[0], 1, *sample.shape[2:])
-            out = out + last_past.to(out.dtype)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
