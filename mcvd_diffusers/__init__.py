@@ -5,12 +5,5 @@ from .pipeline_mcvd import MCVDPipeline, MCVDPipelineOutput
 from .schedulers import SAMPLERS, make_noise_scheduler, make_sampler
 
 __version__ = "0.1.0"
-__all__ = [
-    "MCVDUNet2DModel",
-    "MCVDPipeline",
-    "MCVDPipelineOutput",
-    "PRESETS",
-    "SAMPLERS",
-    "make_noise_scheduler",
-    "make_sampler",
-]
+__all__ = ["MCVDUNet2DModel", "MCVDPipeline", "MCVDPipelineOutput", "PRESETS", "SAMPLERS", "make_noise_scheduler",
+           "make_sampler"]

@@ -1,12 +1,7 @@
-"""One command-line style for both commands, generated from the config dataclasses.
-
-Every field of a config (``TrainConfig``, ``EvalConfig``) is a flag spelled like the field
-(``--max_steps 500``, ``--num_clips 64``), with the help text of the field's metadata
-(``config.key``). Booleans take ``--flag`` (true) or ``--flag false``; lists take several values
-(``--samplers ddim:20 dpm++:20``). Values given as text are read as YAML scalars and checked
-against the field's type (``coerce``), the same way as values from a config file. Both spellings
-are accepted everywhere (``--max-steps`` too): ``FlagParser``, which the benchmarks and scripts use as well.
-"""
+"""Command-line flags generated from the config dataclasses (``TrainConfig``, ``EvalConfig``): a flag per field
+(``--max_steps 500``) with the help text of its metadata (``config.key``). Booleans take ``--flag`` or ``--flag
+false``, lists several values (``--samplers ddim:20 dpm++:20``); text is checked as config-file values are
+(``coerce``). ``FlagParser`` (the benchmarks and scripts use it too) takes ``--max-steps`` as well."""
 
 from __future__ import annotations
 
@@ -28,8 +23,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, required: tuple[str, 
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         shown = "required" if f.name in required else f"default: {default}"
         help_text = f"{f.metadata.get('help', '')} ({shown})".lstrip()
-        options = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text,
-                       required=f.name in required)
+        options = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text, required=f.name in required)
         if bool in allowed:
             options.update(nargs="?", const="true", metavar="true|false")
         elif any(typing.get_origin(t) is list for t in allowed):
@@ -39,13 +33,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, required: tuple[str, 
         group.add_argument(f"--{f.name}", **options)
 
 
-def _respell(flag: str, known: set[str]) -> str:
+def _respell(flag: str, known) -> str:
     """``--num-clips`` as ``--num_clips`` (or the reverse) where only the other spelling is a flag."""
-    if not flag.startswith("--") or flag in known:
-        return flag
-    for other in ("--" + flag[2:].replace("-", "_"), "--" + flag[2:].replace("_", "-")):
-        if other in known:
-            return other
+    if flag.startswith("--") and flag not in known:
+        for other in ("--" + flag[2:].replace("-", "_"), "--" + flag[2:].replace("_", "-")):
+            if other in known:
+                return other
     return flag
 
 
@@ -55,9 +48,8 @@ class FlagParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
-        known = {option for action in self._actions for option in action.option_strings}
         end = args.index("--") if "--" in args else len(args)  # after "--" every word is a value
-        respelled = [_respell(flag, known) + sep + value
+        respelled = [_respell(flag, self._option_string_actions) + sep + value
                      for flag, sep, value in (arg.partition("=") for arg in args[:end])]
         return super().parse_known_args(respelled + args[end:], namespace)
 
@@ -65,8 +57,7 @@ class FlagParser(argparse.ArgumentParser):
 def refuse_unknown_flags(parser: argparse.ArgumentParser, argv: list[str], cls, hints: dict[str, str] = ()) -> None:
     """A flag that is no key of ``cls`` ends in an error naming the valid keys; the old flags named in
     ``hints`` in one naming what replaced them."""
-    known = {option for action in parser._actions for option in action.option_strings}
-    hints = dict(hints)
+    known, hints = parser._option_string_actions, dict(hints)
     for arg in argv:
         flag = arg.split("=", 1)[0]
         if not arg.startswith("--") or _respell(flag, known) in known:

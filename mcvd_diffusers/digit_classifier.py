@@ -1,22 +1,16 @@
-"""Digit identity: does the predicted video keep the digits it was given?
-
-A small MNIST classifier (``DigitClassifier``, shipped in ``mcvd_diffusers/assets``, trained by
-``scripts/train_digit_classifier.py``; its card ``digit_classifier.json`` gives its MNIST test accuracy)
-reads the 28x28 window at each digit's *true* position in a predicted frame (the positions the test set
-recorded when it drew the clip) and is right or wrong about the digit's label. A frame's score is the
-fraction of its digits read correctly. A digit whose window overlaps another digit's window by more than
-half of its area (392 of 784 pixels) in a frame is left out of that frame's score: two digits on top of
-each other make neither readable. A frame with no digit left is NaN, and averages skip it.
-"""
+"""Digit identity: does the predicted video keep its digits? A small MNIST classifier (shipped in ``assets/``,
+trained by ``scripts/train_digit_classifier.py``) reads the 28x28 window at each digit's *true* position (recorded by
+the test set) in a predicted frame; a frame's score is the fraction of its readable digits read as their label."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .integrity import sha256_file
 
 DIGIT_SIZE = 28
 MAX_OVERLAP = 0.5  # of the window's area: digits that overlap another by more are left out of the frame
@@ -48,7 +42,7 @@ class DigitClassifier(nn.Module):
 
 
 def weights_sha256(path: str | Path = WEIGHTS) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def load_digit_classifier(path: str | Path | None = None, device: torch.device | str = "cpu") -> DigitClassifier:
@@ -96,8 +90,7 @@ def _check_layout(frames: torch.Tensor, positions: torch.Tensor, labels: torch.T
 
 
 def crop_windows(frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The 28x28 window at each digit's top-left position: (B, F, H, W) frames and (B, F, D, 2) positions
-    (row, col) -> (B, F, D, 28, 28)."""
+    """(B, F, H, W) frames and (B, F, D, 2) top-left positions (row, col) -> 28x28 windows (B, F, D, 28, 28)."""
     B, F = frames.shape[:2]
     positions = positions.to(frames.device).long()
     offsets = torch.arange(DIGIT_SIZE, device=frames.device)
@@ -121,27 +114,20 @@ def readable_digits(positions: torch.Tensor, max_overlap: float = MAX_OVERLAP) -
 @torch.no_grad()
 def digit_accuracy(classifier: nn.Module, frames: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
                    max_overlap: float = MAX_OVERLAP) -> torch.Tensor:
-    """Per frame, the fraction of the readable digits (``readable_digits``) that ``classifier`` reads as their
-    label in the 28x28 window at their true position.
-
-    frames (B, F, 1, H, W) in [0, 1], positions (B, F, D, 2) top-left (row, col), labels (B, D) ->
-    (B, F) float32 on the CPU; NaN for a frame without a readable digit."""
-    frames = _check_layout(frames, positions, labels)
-    device = next(classifier.parameters()).device
-    frames = frames.to(device).float()
+    """Per frame, the fraction of the readable digits (``readable_digits``) that ``classifier`` reads as their label
+    in the window at their true position: frames (B, F, 1, H, W) in [0, 1], positions (B, F, D, 2) top-left (row,
+    col), labels (B, D) -> (B, F) float32 on the CPU, NaN for a frame without a readable digit."""
+    frames = _check_layout(frames, positions, labels).to(next(classifier.parameters()).device).float()
     windows = crop_windows(frames, positions)  # (B, F, D, 28, 28)
     logits = classifier(windows.reshape(-1, 1, DIGIT_SIZE, DIGIT_SIZE).clamp(0, 1))
     correct = (logits.argmax(-1).view(windows.shape[:3]).cpu() == labels.long().cpu()[:, None, :]).float()
     readable = readable_digits(positions.cpu(), max_overlap).float()
-    counted = readable.sum(-1)
-    accuracy = (correct * readable).sum(-1) / counted
-    return torch.where(counted > 0, accuracy, torch.full_like(accuracy, float("nan")))
+    return (correct * readable).sum(-1) / readable.sum(-1)  # 0 / 0: NaN for a frame without a readable digit
 
 
 class DigitIdentity:
-    """Digit identity of predictions of a fixed set of clips, by clip index.
-
-    positions (N, F, D, 2) and labels (N, D): the layout of the N clips' *predicted* frames."""
+    """Digit identity of predictions of a fixed set of clips, by clip index; positions (N, F, D, 2) and labels
+    (N, D): the layout of the N clips' *predicted* frames."""
 
     def __init__(self, positions: torch.Tensor, labels: torch.Tensor, device: torch.device | str = "cpu",
                  weights: str | Path | None = None):

@@ -1,17 +1,10 @@
-"""The evaluation protocol behind eval_mcvd.py: samplers and baselines on the same clips, in one run.
+"""The evaluation protocol behind eval_mcvd.py: samplers and baselines on the same test clips, in one run.
 
-Three tasks (``--task``): ``predict`` (the past frames in, the next ``num_frames`` out), ``interpolate`` (the
-past frames and, after a gap of the model's ``num_current_frames``, its ``num_future_frames`` in: the gap out;
-a linear cross-fade joins the baselines) and ``generate`` (no frames in; tasks.py scores it without a ground
-truth).
-
-For each sampler, every test clip gets k samples (one seeded generator per video, so the
-numbers do not depend on the batch size); each is scored per frame (metrics.py) and
-aggregated to mean-of-k and best-of-k. Baselines: copy-last-frame and the ground truth
-itself (a sanity row: SSIM 1, LPIPS 0). Where the test set records where each digit is
-(the generated one), every row also gets digit identity (``digit_acc``, digit_classifier.py).
-Each sampler's result is cached in the results folder, so an interrupted run picks up where
-it stopped.
+Tasks: ``predict`` (the past frames in, the next ``num_frames`` out), ``interpolate`` (the past frames and, after
+the model's gap of ``num_current_frames``, its future frames in: the gap out) and ``generate`` (no frames in;
+tasks.py). Each clip gets k samples per sampler (one seeded generator per video: the numbers do not depend on the
+batch size), scored per frame and aggregated to mean-of-k and best-of-k. Each sampler's result is cached in the
+results folder, so an interrupted run picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -49,7 +42,15 @@ TEST_SETS = ("generated", "official")
 TASKS = ("predict", "interpolate", "generate")
 COPY_LAST = "copy last frame"
 CROSS_FADE = "linear cross-fade"
+SHIPPED = "shipped"  # in --samplers: the pipeline's own scheduler at its default step count
 GIF_SAMPLES = 2  # samples per sampler shown in the GIF grid
+I3D_FEATURES = 400  # the length of an FVD feature vector (I3D's Kinetics-400 logits)
+# The protocol of the reproduction we start from: 30 clips, one sample each, and its contrast stretch.
+REPRODUCTION_PROTOCOL = {"num_clips": 30, "samples_per_clip": 1, "stretch": True}
+TIMED_CALLS = 5  # batch-1 latency: the median of this many calls after a warm-up call
+# A spread ((max - min) / median) above this means another process held the cores (OpenMP threads then wait on
+# each other), so the latency is flagged as measured on a busy machine.
+CONTENDED_SPREAD = 0.25
 
 
 @dataclass
@@ -73,15 +74,11 @@ class EvalConfig:
     gif_clips: int = key(4, "clips shown in predictions.gif")
     timing: bool = key(True, "also time batch-1 latency (median of 5 calls after a warm-up, with its spread)")
     threads: int | None = key(None, "CPU threads torch uses (torch.set_num_threads); default: torch's (the cores)")
-    precision: str = key("fp32",
-                         "the UNet's forward under autocast: \"fp32\", \"bf16\", \"fp16\", or \"auto\" (bf16 where "
-                         "the hardware runs it natively)")
+    precision: str = key("fp32", "the UNet's forward under autocast: \"fp32\", \"bf16\", \"fp16\", or \"auto\" "
+                                 "(bf16 where the hardware runs it natively)")
     compile: bool = key(False, "torch.compile the UNet (falls back to eager with a warning)")
     update_model_card: bool = key(False, "write the summary table into the model folder's README.md")
-    # The reproduction's contrast stretch: each sampler's predictions are also scored after (x - 0.2) / 0.6,
-    # clipped to [0, 1], in a row of their own ("NAME:STEPS + stretch"), to show what the stretch is worth.
     stretch: bool = key(False, "also score every sampler after the reproduction's contrast stretch")
-    # FVD (mcvd_diffusers/fvd.py): a column per row, from I3D features of every predicted video
     fvd: bool = key(False, "add an FVD column (needs the I3D weights; see README)")
     fvd_weights: str | None = key(None, "I3D weights file (else $MCVD_I3D_WEIGHTS, else the torch hub cache)")
     fvd_include_past: bool = key(True, "the videos compared are past + predicted frames (MCVD's FVD), else predicted")
@@ -101,6 +98,11 @@ def cross_fade(past: torch.Tensor, after: torch.Tensor, num_frames: int) -> torc
     weights = torch.arange(1, num_frames + 1, dtype=past.dtype, device=past.device) / (num_frames + 1)
     weights = weights.view(1, -1, 1, 1, 1)
     return (1 - weights) * past[:, -1:] + weights * after[:, :1]
+
+
+def reproduction_stretch(frames: torch.Tensor) -> torch.Tensor:
+    """The reproduction's post-processing of predictions before scoring: (x - 0.2) / 0.6 clipped to [0, 1]."""
+    return ((frames - 0.2) / 0.6).clamp(0, 1)
 
 
 def check_task(unet, task: str, num_frames: int) -> None:
@@ -124,31 +126,15 @@ def check_task(unet, task: str, num_frames: int) -> None:
                          f"--num_frames {cfg.num_current_frames}")
 
 
-I3D_FEATURES = 400  # the length of an FVD feature vector (I3D's Kinetics-400 logits)
-# The protocol of the reproduction we start from: 30 clips, one sample each, and its contrast stretch.
-REPRODUCTION_PROTOCOL = {"num_clips": 30, "samples_per_clip": 1, "stretch": True}
-SHIPPED = "shipped"  # in --samplers: the pipeline's own scheduler at its default step count
-
-
-def reproduction_stretch(frames: torch.Tensor) -> torch.Tensor:
-    """The reproduction's post-processing of predictions before scoring: (x - 0.2) / 0.6 clipped to [0, 1]."""
-    return ((frames - 0.2) / 0.6).clamp(0, 1)
-
-
 def _validate(config: EvalConfig) -> list[SamplerSpec | None]:
     """Checks the config before any work; returns the samplers asked for, parsed (None: the shipped one)."""
     requested = [None if spec == SHIPPED else SamplerSpec.parse(spec) for spec in config.samplers]
     if len(set(config.samplers)) != len(config.samplers):
         raise ValueError(f"samplers are listed twice: {config.samplers}")
-    for name in ("num_clips", "samples_per_clip", "num_frames", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.seed < 0:
-        raise ValueError(f"seed must be >= 0, got {config.seed}")
-    if config.threads is not None and config.threads < 1:
-        raise ValueError(f"threads must be >= 1, got {config.threads}")
-    if config.gif_clips < 0:
-        raise ValueError(f"gif_clips must be >= 0, got {config.gif_clips}")
+    for name, least in (("num_clips", 1), ("samples_per_clip", 1), ("num_frames", 1), ("batch_size", 1), ("seed", 0),
+                        ("threads", 1), ("gif_clips", 0)):
+        if getattr(config, name) is not None and getattr(config, name) < least:
+            raise ValueError(f"{name} must be >= {least}, got {getattr(config, name)}")
     if config.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
     if config.task == "generate" and config.stretch:
@@ -190,33 +176,33 @@ def load_test_clips(config: EvalConfig, with_layout: bool = False):
 
 
 def _video_generators(device, seed: int, clip_index: torch.Tensor, sample_index: torch.Tensor):
-    # One generator per (clip, sample): the same video whatever the batch size or order. Separate bit
-    # fields keep the seeds distinct for up to 2**20 clips and 2**20 samples per clip.
+    """One generator per (clip, sample): the same video whatever the batch size or order. Separate bit fields
+    keep the seeds distinct for up to 2**20 clips and 2**20 samples per clip."""
     return [torch.Generator(device).manual_seed((seed << 40) + (int(c) << 20) + int(s))
             for c, s in zip(clip_index, sample_index)]
 
 
-TIMED_CALLS = 5  # batch-1 latency: the median of this many calls after a warm-up call
-# A spread ((max - min) / median) above this means the calls did not run alike: another process held the cores
-# (OpenMP threads then wait on each other), so the latency is flagged as measured on a busy machine.
-CONTENDED_SPREAD = 0.25
+def _sample(pipe: MCVDPipeline, config: EvalConfig, steps: int, past=None, after=None, generator=None,
+            batch_size=None) -> tuple[torch.Tensor, float]:
+    """A batch of frames under the config's autocast (the UNet only: metrics run in fp32) and the seconds the
+    call took, synchronized. ``past`` None: generation of ``batch_size`` videos."""
+    begin = time.perf_counter()
+    with autocast(config.precision, pipe.device):
+        frames = pipe(past, future_frames=after, batch_size=batch_size, num_frames=config.num_frames,
+                      num_inference_steps=steps, generator=generator).frames
+    synchronize(pipe.device)
+    return frames, time.perf_counter() - begin
 
 
-def _time_batch1(pipe, past, steps, num_frames, device, precision, after=None) -> dict:
-    """Batch-1 latency of one video: the median (and spread) of ``TIMED_CALLS`` calls after a warm-up, synchronized."""
+def _time_batch1(pipe: MCVDPipeline, config: EvalConfig, steps: int, past=None, after=None) -> dict:
+    """Batch-1 latency of one video (``past`` None: generation): the median and spread of ``TIMED_CALLS``
+    synchronized calls after a warm-up."""
     seconds = []
-    past = None if past is None else past[:1]  # None: unconditional generation of one video
-    after = None if after is None else after[:1]
-    with autocast(precision, device):
-        pipe(past, future_frames=after, num_frames=num_frames, num_inference_steps=steps,
-             generator=torch.Generator(device))
-        for _ in range(TIMED_CALLS):
-            synchronize(device)
-            start = time.perf_counter()
-            pipe(past, future_frames=after, num_frames=num_frames, num_inference_steps=steps,
-                 generator=torch.Generator(device))
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
+    for _ in range(TIMED_CALLS + 1):  # the first call warms up
+        synchronize(pipe.device)
+        seconds.append(_sample(pipe, config, steps, None if past is None else past[:1],
+                               None if after is None else after[:1], torch.Generator(pipe.device))[1])
+    seconds = seconds[1:]
     median = float(np.median(seconds))
     spread = (max(seconds) - min(seconds)) / median
     return {"seconds_per_video_batch1": median, "batch1_calls": seconds, "batch1_spread": spread,
@@ -229,80 +215,79 @@ def video_features(i3d: I3D, past: torch.Tensor, frames: torch.Tensor, config: E
     return i3d_features(videos, i3d, batch_size=config.batch_size, resize_to=config.fvd_size)
 
 
-def run_sampler(pipe: MCVDPipeline, frame_metrics: FrameMetrics, past: torch.Tensor, future: torch.Tensor,
-                steps: int, config: EvalConfig, progress, i3d: I3D | None = None,
-                digits: DigitIdentity | None = None, after: torch.Tensor | None = None) -> dict:
-    """Samples k videos per clip in batches, scores them per frame (also stretched, with ``config.stretch``;
-    and their digit identity, given ``digits``) and, given ``i3d``, takes their FVD features. ``after``: the
-    frames after the gap for interpolation (None: prediction). Returns the
-    per-frame metrics (N, k, F), the features (N, k, 400), the predictions of the GIF clips, and timings."""
-    device = pipe.device
+@dataclass
+class Scoring:
+    """The clips' frames and the scorers every row is measured with."""
+    frame_metrics: FrameMetrics
+    digits: DigitIdentity | None
+    i3d: I3D | None
+    real_features: torch.Tensor | None
+    past: torch.Tensor
+    future: torch.Tensor  # the frames scored against: the predicted frames' truth, or the gap's
+    after: torch.Tensor | None  # interpolation: the frames after the gap, given to the model
+
+    def __call__(self, prediction: torch.Tensor, clips: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """{metric: (B, F)} of the predictions of ``clips``, digit identity included where it is scored."""
+        values = self.frame_metrics(prediction, self.future[clips])
+        if self.digits is not None:
+            values[DIGIT_ACC] = self.digits(prediction, clips)
+        return values
+
+
+def run_sampler(pipe: MCVDPipeline, scored: Scoring, steps: int, config: EvalConfig, progress) -> dict:
+    """Samples k videos per clip in batches, scores them per frame (also stretched, with ``config.stretch``) and,
+    with FVD, takes their I3D features. Returns the per-frame metrics (N, k, F), the features (N, k, 400), the
+    predictions of the GIF clips, and timings."""
+    past, after = scored.past, scored.after
     n, k = len(past), config.samples_per_clip
-    clip_index = torch.arange(n).repeat_interleave(k)
-    sample_index = torch.arange(k).repeat(n)
-    names = (*frame_metrics.metrics, *([DIGIT_ACC] if digits is not None else []))
-    per_frame = {name: torch.empty(n * k, config.num_frames) for name in names}
-    stretched = {name: torch.empty(n * k, config.num_frames) for name in names} if config.stretch else {}
-    features = torch.empty(n * k, I3D_FEATURES, dtype=torch.float64) if i3d is not None else None
+    clip_index, sample_index = torch.arange(n).repeat_interleave(k), torch.arange(k).repeat(n)
+    parts, stretched, features, sampling_seconds = [], [], [], 0.0
     shown = min(k, GIF_SAMPLES)
-    gif = torch.zeros(min(config.gif_clips, n), shown, *future.shape[1:], dtype=torch.uint8)
-    # Warm-up at the batch size, so that the amortized time excludes one-off costs.
-    with autocast(config.precision, device):
-        warm = min(config.batch_size, n * k)
-        pipe(past[:1].expand(warm, *past.shape[1:]), num_frames=config.num_frames, num_inference_steps=min(steps, 2),
-             future_frames=None if after is None else after[:1].expand(warm, *after.shape[1:]))
-    synchronize(device)
-    sampling_seconds = 0.0
+    gif = torch.zeros(min(config.gif_clips, n), shown, *scored.future.shape[1:], dtype=torch.uint8)
+    warm = min(config.batch_size, n * k)  # a warm-up at the batch size: the amortized time excludes one-off costs
+    _sample(pipe, config, min(steps, 2), past[:1].expand(warm, *past.shape[1:]),
+            None if after is None else after[:1].expand(warm, *after.shape[1:]))
     for start in range(0, n * k, config.batch_size):
-        idx = slice(start, start + config.batch_size)
-        clips, samples = clip_index[idx], sample_index[idx]
-        generators = _video_generators(device, config.seed, clips, samples)
-        begin = time.perf_counter()
-        with autocast(config.precision, device):  # the UNet only: metrics below run in fp32
-            frames = pipe(past[clips], future_frames=None if after is None else after[clips],
-                          num_frames=config.num_frames, num_inference_steps=steps, generator=generators).frames
-        synchronize(device)
-        sampling_seconds += time.perf_counter() - begin
-        for name, values in frame_metrics(frames, future[clips]).items():
-            per_frame[name][idx] = values
-        if digits is not None:
-            per_frame[DIGIT_ACC][idx] = digits(frames, clips)
-        if stretched:
-            for name, values in frame_metrics(reproduction_stretch(frames), future[clips]).items():
-                stretched[name][idx] = values
-            if digits is not None:
-                stretched[DIGIT_ACC][idx] = digits(reproduction_stretch(frames), clips)
-        if features is not None:
-            features[idx] = video_features(i3d, past[clips], frames, config)
+        clips, samples = clip_index[start : start + config.batch_size], sample_index[start : start + config.batch_size]
+        frames, seconds = _sample(pipe, config, steps, past[clips], None if after is None else after[clips],
+                                  _video_generators(pipe.device, config.seed, clips, samples))
+        sampling_seconds += seconds
+        parts.append(scored(frames, clips))
+        if config.stretch:
+            stretched.append(scored(reproduction_stretch(frames), clips))
+        if scored.i3d is not None:
+            features.append(video_features(scored.i3d, past[clips], frames, config))
         for j, (c, s) in enumerate(zip(clips.tolist(), samples.tolist())):
             if c < len(gif) and s < shown:
                 gif[c, s] = (frames[j].cpu() * 255).round().byte()
         progress.update(len(clips))
     timing = {"seconds_per_video_amortized": sampling_seconds / (n * k), "batch_size": config.batch_size}
     if config.timing:
-        timing.update(_time_batch1(pipe, past, steps, config.num_frames, device, config.precision, after))
-    return {"per_frame": {name: v.view(n, k, -1) for name, v in per_frame.items()}, "gif": gif, "timing": timing,
-            "stretched": {name: v.view(n, k, -1) for name, v in stretched.items()},
-            "fvd_features": None if features is None else features.view(n, k, -1)}
+        timing.update(_time_batch1(pipe, config, steps, past, after))
+    return {"per_frame": _concat(parts, n, k), "stretched": _concat(stretched, n, k), "gif": gif, "timing": timing,
+            "fvd_features": torch.cat(features).view(n, k, -1) if features else None}
+
+
+def _concat(parts: list[dict], n: int, k: int) -> dict[str, torch.Tensor]:
+    """Batches of {metric: (B, F)}, in clip-major order -> {metric: (n clips, k samples, F)}."""
+    return {name: torch.cat([part[name] for part in parts]).view(n, k, -1) for name in parts[0]} if parts else {}
 
 
 def _cache_key(config: EvalConfig, pipe: MCVDPipeline, test_info: dict, sampler_config: dict, steps: int,
                fvd_weights: str | None = None, digit_classifier: str | None = None) -> str:
+    """Hashes everything that changes the numbers or the timings reused from the cache: the weights, the config
+    (batch size, compile and precision too), the device, the sampler, the FVD and digit classifiers' weights."""
     weights = hashlib.sha256()
     for tensor in pipe.unet.state_dict().values():
         weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    # Everything that changes the numbers or the timings reused from the cache: the device and the
-    # timing settings (batch size, compile, precision) too, so that no reused timing is another machine's.
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("samplers", "out", "device",
                                                                                 "update_model_card")}
     key = {"weights": weights.hexdigest(), "config": fields, "device": device_name(pipe.device),
            "test_set": {k: v for k, v in test_info.items() if k != "path"},
-           # diffusers' private config entries ("_use_default_values": a list in set order, which Python's
-           # hash randomization reshuffles in every process) say nothing about what the sampler does
+           # diffusers' private entries ("_use_default_values": a list in set order, which Python's hash
+           # randomization reshuffles in every process) say nothing about what the sampler does
            "sampler": {k: v for k, v in sampler_config.items() if not k.startswith("_")}, "steps": steps,
-           "metrics": list(METRICS), "fvd_weights": fvd_weights,
-           # digit identity: the classifier's weights, or None where the test set has no positions
-           "digit_identity": digit_classifier}
+           "metrics": list(METRICS), "fvd_weights": fvd_weights, "digit_identity": digit_classifier}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -325,13 +310,13 @@ def _load_cache(path: Path, key: str, metrics: tuple[str, ...] = ()) -> dict | N
         with np.load(path, allow_pickle=False) as data:
             if str(data["key"]) != key:
                 return None
-            per_frame = {k[len("metric_"):]: torch.from_numpy(data[k]) for k in data.files if k.startswith("metric_")}
-            stretched = {k[len("stretched_"):]: torch.from_numpy(data[k]) for k in data.files
-                         if k.startswith("stretched_")}
+            arrays = lambda prefix: {k.removeprefix(prefix): torch.from_numpy(data[k])  # noqa: E731
+                                     for k in data.files if k.startswith(prefix)}
+            per_frame = arrays("metric_")
             if set(metrics) - set(per_frame):  # written without a metric asked for now: recomputed
                 return None
             features = torch.from_numpy(data["fvd_features"]) if "fvd_features" in data.files else None
-            return {"per_frame": per_frame, "gif": torch.from_numpy(data["gif"]), "stretched": stretched,
+            return {"per_frame": per_frame, "gif": torch.from_numpy(data["gif"]), "stretched": arrays("stretched_"),
                     "fvd_features": features, "timing": json.loads(str(data["timing"]))}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:  # truncated, zeroed, edited
         warnings.warn(f"{path} is unreadable ({type(e).__name__}: {e}); recomputing it", stacklevel=2)
@@ -351,8 +336,7 @@ def evaluate(config: EvalConfig) -> dict:
 
 @dataclass
 class Setup:
-    """What every task starts from: the config as asked and as it runs, the machine, device and precision,
-    the pipeline and the samplers to run."""
+    """What every task starts from."""
     asked: EvalConfig
     config: EvalConfig  # precision resolved (and, for interpolation, num_frames set to the gap)
     machine: dict
@@ -365,8 +349,8 @@ class Setup:
 
 
 def start(config: EvalConfig, requested: list[SamplerSpec | None]) -> Setup:
-    """Threads, the machine's state (before any work: how busy it was), device, precision, the pipeline and
-    the samplers (``shipped`` resolved), each checked before any sampling."""
+    """Threads, the machine's state (before any work: how busy it was), device, precision, the pipeline (on the
+    device) and the samplers (``shipped`` resolved), each checked before any sampling."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     machine = machine_state()
@@ -386,6 +370,8 @@ def start(config: EvalConfig, requested: list[SamplerSpec | None]) -> Setup:
         config = dataclasses.replace(config, num_frames=pipe.unet.config.num_current_frames)
         asked = dataclasses.replace(asked, num_frames=config.num_frames)  # what metrics.json records
     check_task(pipe.unet, config.task, config.num_frames)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
     return Setup(asked, config, machine, device, precision, pipe, shipped, samplers, pipe.scheduler.config)
 
 
@@ -393,9 +379,8 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     """Prediction and interpolation: every sampler and the baselines on the same clips, scored per frame."""
     setup = start(config, requested)
     config, pipe, device = setup.config, setup.pipe, setup.device
-    unet_cfg = pipe.unet.config
-    num_past = unet_cfg.num_past_frames
-    num_after = unet_cfg.num_future_frames if config.task == "interpolate" else 0
+    num_past = pipe.unet.config.num_past_frames
+    num_after = pipe.unet.config.num_future_frames if config.task == "interpolate" else 0
     if num_after:
         tqdm.write(f"interpolation: {num_past} past and {num_after} future frames in, the {config.num_frames} "
                    "between them out")
@@ -408,30 +393,22 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
         raise ValueError(f"the test frames are 1x{clips.shape[2]}x{clips.shape[3]}, the model expects "
                          f"{'x'.join(map(str, pipe.unet.frame_shape))}")
     i3d, fvd_weights = load_fvd_network(config, device)
-    digits = None
     if layout is None:
         tqdm.write(f"digit identity: skipped, the {config.test_set} test set records no digit positions")
-    else:  # the layout of the predicted frames
-        positions, labels = layout
-        digits = DigitIdentity(positions[:, num_past : num_past + config.num_frames], labels, device)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    frame_metrics = FrameMetrics(device)
+    digits = None if layout is None else DigitIdentity(layout[0][:, num_past : num_past + config.num_frames],
+                                                       layout[1], device)  # where the predicted frames' digits are
     video = clips_to_video(clips)
     past, future = video[:, :num_past], video[:, num_past : num_past + config.num_frames]
     after = video[:, num_past + config.num_frames :][:, :num_after] if num_after else None  # interpolation's input
-    real_features = video_features(i3d, past, future, config) if i3d is not None else None
+    real_features = None if i3d is None else video_features(i3d, past, future, config)
+    scored = Scoring(FrameMetrics(device), digits, i3d, real_features, past, future, after)
     if config.compile:
-        with autocast(config.precision, device):
-            maybe_compile(pipe.unet, lambda: pipe(past[:1], future_frames=None if after is None else after[:1],
-                                                  num_frames=config.num_frames, num_inference_steps=1))
+        maybe_compile(pipe.unet, lambda: _sample(pipe, config, 1, past[:1], None if after is None else after[:1]))
     out = Path(config.out)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     clear_outputs(out)  # an earlier run's results must not look like this run's if it is interrupted
-
     baselines = ((GROUND_TRUTH, future), (COPY_LAST, copy_last_frame(past, config.num_frames)),
                  *([(CROSS_FADE, cross_fade(past, after, config.num_frames))] if after is not None else []))
-    scored = Scoring(frame_metrics, digits, i3d, real_features, past, future, after)
     rows = score_baselines(baselines, scored, config)
     sampler_rows, gifs = run_samplers(setup, scored, test_info, fvd_weights)
     rows.update(sampler_rows)
@@ -439,12 +416,11 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
         row["metrics"] = aggregate(row.pop("per_frame"))
     fvd = None if i3d is None else {"weights": fvd_weights, "include_past": config.fvd_include_past,
                                     "pooling": config.fvd_pooling, "frame_size": config.fvd_size}
-    record = make_record(setup.asked, dict(unet_cfg), test_info, device_name(device), setup.shipped, fvd, rows)
-    record["machine"] = setup.machine
-    # the classifier and the overlap rule, or why digit identity was skipped (report.py writes either)
-    record["digit_identity"] = ({"skipped": f"the {config.test_set} test set records no digit positions"}
-                                if digits is None else digits.describe())
-    record["precision"] = setup.precision  # asked for, run, why; the CPU's model and native bf16
+    # digit_identity: the classifier and the overlap rule, or why it was skipped (report.py writes either)
+    record = make_record(setup.asked, dict(pipe.unet.config), test_info, device_name(device), setup.shipped, fvd,
+                         rows, machine=setup.machine, precision=setup.precision,
+                         digit_identity=digits.describe() if digits is not None else {
+                             "skipped": f"the {config.test_set} test set records no digit positions"})
     write_outputs(out, record, past[: config.gif_clips], future[: config.gif_clips], gifs)
     if config.update_model_card:
         update_model_card(Path(config.model), record)
@@ -461,38 +437,21 @@ def load_fvd_network(config: EvalConfig, device) -> tuple[I3D | None, str | None
     return load_i3d(config.fvd_weights, device), weights
 
 
-@dataclass
-class Scoring:
-    """The clips' frames and the scorers every row is measured with."""
-    frame_metrics: FrameMetrics
-    digits: DigitIdentity | None
-    i3d: I3D | None
-    real_features: torch.Tensor | None
-    past: torch.Tensor
-    future: torch.Tensor  # the frames scored against: the predicted frames' truth, or the gap's
-    after: torch.Tensor | None  # interpolation: the frames after the gap, given to the model
-
-
 def score_baselines(baselines, scored: Scoring, config: EvalConfig) -> dict[str, dict]:
     """Rows for the baselines (label, frames): scored per frame in batches, with digit identity and FVD."""
-    rows, future = {}, scored.future
-    # scoring the baselines takes minutes on 256 clips (LPIPS-VGG, digit identity): shown, not silent
-    with tqdm(total=len(baselines) * len(future), desc="score baselines", unit="video") as progress:
+    rows, num_clips = {}, len(scored.future)
+    # in batches, like the samplers (LPIPS-VGG on every frame of 256 clips at once needs over 20 GiB), and shown:
+    # it takes minutes on 256 clips
+    with tqdm(total=len(baselines) * num_clips, desc="score baselines", unit="video") as progress:
         for label, prediction in baselines:
             progress.set_postfix(row=label)
-            parts, digit_parts = [], []
-            # in batches, like the samplers: LPIPS-VGG on every frame of 256 clips at once needs over 20 GiB
-            for i in range(0, len(future), config.batch_size):
+            parts = []
+            for i in range(0, num_clips, config.batch_size):
                 batch = slice(i, i + config.batch_size)
-                parts.append(scored.frame_metrics(prediction[batch], future[batch]))
-                if scored.digits is not None:
-                    digit_parts.append(scored.digits(prediction[batch], batch))
-                progress.update(len(future[batch]))
-            per_frame = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-            if scored.digits is not None:
-                per_frame[DIGIT_ACC] = torch.cat(digit_parts)
-            rows[label] = {"kind": "baseline", "samples_per_clip": 1,
-                           "per_frame": {k: v[:, None] for k, v in per_frame.items()}, "timing": {}}
+                parts.append(scored(prediction[batch], batch))
+                progress.update(len(prediction[batch]))
+            rows[label] = {"kind": "baseline", "samples_per_clip": 1, "per_frame": _concat(parts, num_clips, 1),
+                           "timing": {}}
             if scored.i3d is not None:
                 features = video_features(scored.i3d, scored.past, prediction, config)[:, None]
                 rows[label]["fvd"] = fvd_from_features(features, scored.real_features, config.fvd_pooling)
@@ -501,31 +460,30 @@ def score_baselines(baselines, scored: Scoring, config: EvalConfig) -> dict[str,
 
 def run_samplers(setup: Setup, scored: Scoring, test_info: dict, fvd_weights: str | None):
     """A row per sampler (each reused from the cache when its key matches) and the GIF clips' predictions."""
-    config, pipe = setup.config, setup.pipe
-    past, digits = scored.past, scored.digits
+    config, pipe, digits = setup.config, setup.pipe, scored.digits
     metric_names = (*scored.frame_metrics.metrics, *([DIGIT_ACC] if digits is not None else []))
-    rows, gifs = {}, {}
-    with tqdm(total=len(setup.samplers) * len(past) * config.samples_per_clip, desc="evaluate", unit="video") as progress:
+    rows, gifs, videos = {}, {}, len(scored.past) * config.samples_per_clip
+    with tqdm(total=len(setup.samplers) * videos, desc="evaluate", unit="video") as progress:
         for sampler in setup.samplers:
-            spec, steps = str(sampler), sampler.steps
+            spec = str(sampler)
             progress.set_postfix(sampler=spec)
             pipe.scheduler = sampler.build(setup.trained_scheduler_config)
-            cache = Path(config.out) / "cache" / f"{sampler.name.replace('+', 'p')}-{steps}.npz"
-            key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), steps, fvd_weights,
+            cache = Path(config.out) / "cache" / f"{sampler.name.replace('+', 'p')}-{sampler.steps}.npz"
+            key = _cache_key(config, pipe, test_info, dict(pipe.scheduler.config), sampler.steps, fvd_weights,
                              None if digits is None else digits.weights)
             result = _load_cache(cache, key, metric_names)
             if result is None:
-                result = run_sampler(pipe, scored.frame_metrics, past, scored.future, steps, config, progress,
-                                     scored.i3d, digits, scored.after)
+                result = run_sampler(pipe, scored, sampler.steps, config, progress)
                 _save_cache(cache, key, result)
             else:
-                progress.update(len(past) * config.samples_per_clip)
+                progress.update(videos)
                 tqdm.write(f"{spec}: reused {cache}")
-            rows[spec] = {"kind": "sampler", "scheduler": type(pipe.scheduler).__name__, "steps": steps,
+            rows[spec] = {"kind": "sampler", "scheduler": type(pipe.scheduler).__name__, "steps": sampler.steps,
                           "scheduler_config": dict(pipe.scheduler.config), "samples_per_clip": config.samples_per_clip,
                           "per_frame": result["per_frame"], "timing": result["timing"]}
             if scored.i3d is not None:
-                rows[spec]["fvd"] = fvd_from_features(result["fvd_features"], scored.real_features, config.fvd_pooling)
+                features = result["fvd_features"]
+                rows[spec]["fvd"] = fvd_from_features(features, scored.real_features, config.fvd_pooling)
             if config.stretch:
                 rows[f"{spec} + stretch"] = {**rows[spec], "kind": "sampler, stretched", "fvd": None,
                                              "per_frame": result["stretched"]}

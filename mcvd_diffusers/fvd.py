@@ -1,23 +1,11 @@
-"""Fréchet Video Distance (Unterthiner et al., 2018): the Fréchet distance between Gaussians fitted to the I3D
-features of real and of generated videos (lower is better).
+"""Fréchet Video Distance (Unterthiner et al., 2018) between the I3D features of real and generated videos.
 
-Protocol (``fvd``):
-- frames (..., C, H, W) in [0, 1], C = 1 (grey, replicated to RGB) or 3;
-- each frame resized to ``resize_to`` x ``resize_to`` (224, I3D's size) with bilinear interpolation,
-  ``align_corners=False`` (half-pixel centres), no antialiasing (upsampling 64 -> 224 has nothing to antialias):
-  ``F.interpolate`` as in VideoGPT's PyTorch FVD, which MCVD uses (the TF original's ``resize_bilinear`` samples
-  a slightly shifted grid). Non-square frames are stretched, not cropped (VideoGPT crops the centre). Frames stay
-  floats, where VideoGPT first rounds them to 8 bits;
-- scaled to [-1, 1] (2x - 1), the range of the TF-Hub I3D that FVD is defined with;
-- features: I3D's 400 logits, pre-softmax, averaged over time (``mcvd_diffusers.models.i3d``);
-- statistics in float64: the mean and the unbiased (N - 1) covariance of each set of videos;
-- distance: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), see ``frechet_distance``.
-
-Options: ``include_past`` prepends the conditioning frames to real and generated videos alike (MCVD reports FVD
-on past + predicted frames); ``pooling`` says how a clip's k samples enter (see ``fvd``). FVD is biased upward
-for small sets (N videos give a covariance of rank N - 1 at most, of 400), so compare values only at equal N,
-k and pooling. A ``resize_to`` other than 224, or fewer than 9 frames (with the past, if included), gives values
-that are not comparable with published FVDs; ``resize_to`` exists for tests and quick checks.
+Protocol: frames in [0, 1] (grey replicated to RGB) resized to 224 px by bilinear ``F.interpolate``
+(half-pixel centres, no antialiasing, as VideoGPT's PyTorch FVD which MCVD uses; non-square frames are
+stretched, not centre-cropped, and stay floats where VideoGPT rounds to 8 bits), scaled to [-1, 1]; features:
+I3D's 400 logits averaged over time; float64 mean and unbiased covariance per set. FVD is biased upward for
+small sets (rank <= N - 1 of 400): compare values only at equal N, k and pooling. ``resize_to`` != 224 or fewer
+than 9 frames give values not comparable with published FVDs (for tests and quick checks).
 """
 
 from __future__ import annotations
@@ -45,13 +33,9 @@ def _as_float64(name: str, value: ArrayLike, ndim: int) -> torch.Tensor:
 
 
 def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
-    """Square root of a symmetric PSD matrix by eigendecomposition.
-
-    A covariance of fewer videos than features is singular, and rounding leaves its zero eigenvalues at
-    +-1e-16 of the largest; their square roots, 1e-8, would add up over hundreds of null directions. Eigenvalues
-    below the rounding floor (largest * size * float64 eps, numpy's matrix_rank tolerance) cannot be told from 0,
-    so they are set to 0, as are the negative ones.
-    """
+    """Square root of a symmetric PSD matrix by eigendecomposition. Eigenvalues below the rounding floor (numpy's
+    matrix_rank tolerance) are set to 0: in a singular covariance (fewer videos than features) their square roots,
+    ~1e-8, would add up over hundreds of null directions."""
     eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     floor = eigenvalues.abs().max() * matrix.shape[0] * torch.finfo(matrix.dtype).eps
     roots = torch.where(eigenvalues > floor, eigenvalues, 0).sqrt()
@@ -59,18 +43,12 @@ def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
-    """Fréchet (2-Wasserstein squared) distance between N(mu1, sigma1) and N(mu2, sigma2), in float64:
-    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) in float64: |mu1 - mu2|^2 + tr(S1) + tr(S2)
+    - 2 tr((S1 S2)^(1/2)), clipped at 0.
 
-    The cross term is computed without a non-symmetric square root: with R = S^(1/2) (symmetric eigendecomposition),
-    S1 S2 has the eigenvalues of R1 S2 R1 = (R2 R1)^T (R2 R1), so tr((S1 S2)^(1/2)) is the sum of the singular
-    values of R2 R1. Singular values carry round-off of 1e-16 relative, where square roots of the eigenvalues of
-    R1 S2 R1 would turn it into 1e-8 for every null direction (there are D - N + 1 of them with N < D videos);
-    the roots R drop eigenvalues below the rounding floor for the same reason (see ``_sqrt_psd``).
-    scipy.linalg.sqrtm(S1 @ S2), the usual FID code, returns complex round-off and, on such singular covariances,
-    is off by ~1e-7 relative where this is within ~1e-15 (tests/test_fvd.py). A distance left slightly below 0 by
-    round-off between equal sets is returned as 0.
-    """
+    With R = S^(1/2), S1 S2 has the eigenvalues of (R2 R1)^T (R2 R1), so the cross term is the sum of the singular
+    values of R2 R1: round-off stays ~1e-16 relative, where scipy.linalg.sqrtm(S1 @ S2) (the usual FID code) is off
+    by ~1e-7 on singular covariances (tests/test_fvd.py)."""
     mu1, mu2 = _as_float64("mu1", mu1, 1), _as_float64("mu2", mu2, 1)
     sigma1, sigma2 = _as_float64("sigma1", sigma1, 2), _as_float64("sigma2", sigma2, 2)
     dim = mu1.shape[0]
@@ -123,8 +101,7 @@ def i3d_inputs(videos: torch.Tensor, resize_to: int = STANDARD_SIZE) -> torch.Te
 @torch.no_grad()
 def i3d_features(videos: torch.Tensor, i3d: I3D, *, batch_size: int = 8,
                  resize_to: int = STANDARD_SIZE) -> torch.Tensor:
-    """(N, T, C, H, W) frames in [0, 1] -> (N, 400) I3D logits in float64 on the CPU, ``batch_size`` videos at a
-    time on the network's device."""
+    """(N, T, C, H, W) frames in [0, 1] -> (N, 400) I3D logits in float64 on the CPU."""
     _check_videos("videos", videos, 5, "(N, T, C, H, W)")
     if batch_size < 1 or resize_to < 1:
         raise ValueError(f"batch_size and resize_to must be positive, got {batch_size} and {resize_to}")
@@ -168,20 +145,13 @@ def _check_fvd_inputs(predictions: torch.Tensor, targets: torch.Tensor, past: to
 def fvd(predictions: torch.Tensor, targets: torch.Tensor, past: torch.Tensor | None = None, *,
         include_past: bool = False, pooling: str = "all", i3d: I3D | None = None, batch_size: int = 8,
         resize_to: int = STANDARD_SIZE) -> float:
-    """FVD between generated and real videos.
+    """FVD between predictions (N, k, T, C, H, W), k samples for each of N clips, and the real continuations
+    targets (N, T, C, H, W), all in [0, 1]. ``include_past`` prepends past (N, P, C, H, W), the conditioning
+    frames, to both sets (MCVD reports FVD on past + predicted frames).
 
-    predictions: (N, k, T, C, H, W) in [0, 1], k samples for each of N clips; targets: (N, T, C, H, W), the real
-    continuations; past: (N, P, C, H, W), the conditioning frames (used only when ``include_past``, which prepends
-    them to both sets: the videos compared are then P + T frames long).
-
-    pooling: "all" fits one Gaussian to all N * k generated videos and compares it with the N real ones;
-    "per_sample" computes one FVD per sample index j (the j-th samples of the N clips against the N real videos)
-    and returns the mean of the k values. For k = 1 both agree. "all" fits its Gaussian to k times more videos,
-    so its small-sample bias is smaller and its values tend to be lower; report which one you used.
-
-    i3d: the network (``load_i3d()`` is called when None, on predictions' device); batch_size: videos per I3D call;
-    resize_to: frame size fed to I3D, 224 for the standard FVD (smaller only for tests).
-    """
+    pooling: "all" fits one Gaussian to all N * k generated videos (less small-sample bias, lower values);
+    "per_sample" averages the k FVDs of the j-th samples against the real videos. Equal for k = 1.
+    i3d: None loads ``load_i3d()`` on predictions' device; batch_size: videos per I3D call."""
     _check_fvd_inputs(predictions, targets, past, include_past, pooling)
     n, k = predictions.shape[:2]
     if include_past:  # the same conditioning frames open every sample of a clip and its real continuation

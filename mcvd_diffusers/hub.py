@@ -1,10 +1,5 @@
-"""The model card of an exported pipeline, and its upload to the Hugging Face Hub.
-
-An exported pipeline folder holds ``training_info.json`` (config, data source, steps, losses,
-and the evaluation once eval_mcvd.py has run with --update_model_card); its ``README.md``
-is rendered from that file and the template ``pipeline_card.md`` (Jinja, through huggingface_hub's
-``ModelCard.from_template``), with the Hub's metadata in its YAML front matter (``card_metadata``).
-"""
+"""The model card of an exported pipeline (its README.md, rendered from its training_info.json and the Jinja template
+pipeline_card.md, with the Hub's metadata as YAML front matter), and the upload to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -22,12 +17,10 @@ from .runtime import describe_precision
 CARD_TEMPLATE = Path(__file__).with_name("pipeline_card.md")  # a link to the repository's pipeline_card.md
 INFO_FILE = "training_info.json"
 
-# The card's metadata. custom_code: an export carries the pipeline's and the UNet's code (trust_remote_code).
+# The card's metadata. custom_code: an export carries its code (trust_remote_code). The dataset is MNIST: clips are
+# rendered from its digits on the fly (the Hub holds no canonical Moving MNIST). image-to-video: the Hub's nearest task.
 TAGS = ["video-prediction", "mcvd", "moving-mnist", "diffusers", "custom_code"]
-# The Hub dataset of the pixels: every training (and generated test) clip is rendered from MNIST digits; the
-# Hub holds no canonical Moving MNIST, and the clips themselves are made on the fly.
 DATASETS = ["ylecun/mnist"]
-# Frames in, a video out: the Hub's nearest task (its task list has no video prediction).
 PIPELINE_TAG = "image-to-video"
 # The evaluation numbers in the card's model-index: the shipped sampler's, mean of the k samples per clip.
 CARD_METRICS = {"mse": "MSE", "ssim": "SSIM", "ssim_binarized": "binarized SSIM", "lpips_alex": "LPIPS-alex",
@@ -50,16 +43,9 @@ def _duration(seconds) -> str:
     return f"{minutes:.1f} minutes" if minutes < 120 else f"{minutes / 60:.2f} hours"
 
 
-def _local_name(folder: str, output_dir: str) -> str:
-    """A local export's name: its folder's, or the run's for the run's own pipeline/ and best/ folders."""
-    name = Path(folder).name
-    return Path(output_dir).name if name in ("pipeline", "best") else name
-
-
 def _eval_results(evaluation: dict) -> list[EvalResult]:
-    """The shipped sampler's numbers (mean of k samples per clip; FVD, a number per set, when measured) as the
-    Hub's model-index entries; none for an evaluation without the shipped sampler, or one recorded before
-    evaluations kept their numbers (``results``)."""
+    """The shipped sampler's numbers (mean of k samples per clip; FVD when measured) as the Hub's model-index
+    entries; none without the shipped sampler's row, or from before evaluations kept their numbers (``results``)."""
     shipped, k = evaluation.get("shipped_sampler"), evaluation.get("samples_per_clip")
     test_set = evaluation.get("test_set")
     values = {r["metric"]: r["value"] for r in evaluation.get("results") or []
@@ -82,23 +68,20 @@ def card_metadata(info: dict, model_name: str) -> ModelCardData:
                          eval_results=results or None)
 
 
-def _check_placeholders(template: str, filled: set[str]) -> None:
-    """A placeholder nobody fills is an error: ModelCard.from_template renders it as nothing (Jinja's default
-    Undefined; it takes no ``undefined=``), so the template's variables are checked first."""
-    missing = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)) - filled
-    if missing:
-        raise ValueError(f"{CARD_TEMPLATE} uses placeholders nobody fills: {sorted(missing)}")
-
-
 def render_model_card(info: dict, repo_id: str) -> str:
     """The card's text for a pipeline trained as ``info`` records; ``repo_id`` goes into the usage snippet."""
-    config = info["config"]
-    abilities = []
+    config, abilities, usage = info["config"], [], ""
     if config["prob_mask_past"] > 0:
         abilities.append("it also generates without past frames (`past_frames=None`)")
+        usage += ("\nvideo = pipe(batch_size=4, num_frames=10, num_inference_steps=20).frames  # unconditional "
+                  "generation\n# (from nothing, digits need more steps per block than prediction does)\n")
     if config["num_future_frames"] > 0:
         abilities.append(f"it interpolates between the past and {config['num_future_frames']} future frames "
                          "(`future_frames=`)")
+        usage += (f"after = torch.rand(1, {config['num_future_frames']}, {config['image_size']}, "
+                  f"{config['image_size']})  # the frames after the gap\n"
+                  f"gap = pipe(past, future_frames=after, num_frames={config['num_current_frames']}).frames  "
+                  "# interpolation\n")
     evaluation = info.get("evaluation")
     if evaluation:
         metrics = (f"`{evaluation['command']}` on {evaluation['num_clips']} test clips ({evaluation['data_source']}), "
@@ -115,34 +98,20 @@ def render_model_card(info: dict, repo_id: str) -> str:
         metrics += (f"\n\n### {titles.get(task, task)}\n\n`{done['command']}` on {done['num_clips']} "
                     f"{'videos' if task == 'generate' else 'test clips'}{per_clip}, device {done['device']}:\n\n"
                     f"{done['table']}")
-    usage = ""
-    if config["prob_mask_past"] > 0:
-        usage += ("\nvideo = pipe(batch_size=4, num_frames=10, num_inference_steps=20).frames  # unconditional generation"
-                  "\n# (from nothing, digits need more steps per block than prediction does)\n")
-    if config["num_future_frames"] > 0:
-        usage += (f"after = torch.rand(1, {config['num_future_frames']}, {config['image_size']}, "
-                  f"{config['image_size']})  # the frames after the gap\n"
-                  f"gap = pipe(past, future_frames=after, num_frames={config['num_current_frames']}).frames  "
-                  "# interpolation\n")
     # "precision: bf16 (auto: this CPU has native bf16: <model>)"; no line for runs from before mixed_precision auto
     recorded = info.get("precision")
     known = isinstance(recorded, dict) and {"resolved", "reason"} <= recorded.keys()
     precision = describe_precision(recorded) if known else ""
+    # a local export's name: its folder's, or the run's for the run's own pipeline/ and best/ folders
+    local_name = Path(config["output_dir"] if Path(repo_id).name in ("pipeline", "best") else repo_id).name
     values = {
-        "model_name": config.get("hub_model_id") or _local_name(repo_id, config["output_dir"]),
+        "model_name": config.get("hub_model_id") or local_name,
         "repo_id": repo_id,
-        "num_past_frames": config["num_past_frames"],
-        "num_current_frames": config["num_current_frames"],
-        "image_size": config["image_size"],
+        **{key: config[key] for key in ("num_past_frames", "num_current_frames", "image_size")},
         "capabilities": ("; " + "; ".join(abilities)) if abilities else "",
-        "scheduler": info["scheduler"],
-        "num_inference_steps": info["num_inference_steps"],
-        "data_source": info["data_source"],
-        "steps": info["steps"],
-        "num_processes": info["num_processes"],
-        "samples_seen": info["samples_seen"],
+        **{key: info[key] for key in ("scheduler", "num_inference_steps", "data_source", "steps", "num_processes",
+                                      "samples_seen", "weights_step")},
         "final_loss": _number(info["final_loss"]),
-        "weights_step": info["weights_step"],
         "val_loss": _number(info["val_loss"]),
         "train_time": _duration(info.get("train_seconds")),
         "commands": "; ".join(f"`{c}`" for c in info.get("commands") or []) or "not recorded (the Python API)",
@@ -153,8 +122,12 @@ def render_model_card(info: dict, repo_id: str) -> str:
         "notes": f"\n{info['notes']}\n" if info.get("notes") else "",
     }
     metadata = card_metadata(info, values["model_name"])
-    # from_template also passes the metadata's own keys and card_data (the YAML front matter) to the template
-    _check_placeholders(CARD_TEMPLATE.read_text(), {"card_data", *metadata.to_dict(), *values})
+    # ModelCard.from_template renders a placeholder nobody fills as nothing (it takes no ``undefined=``): an error
+    # here. It also passes the metadata's own keys and card_data (the YAML front matter) to the template.
+    template = jinja2.Environment().parse(CARD_TEMPLATE.read_text())
+    missing = jinja2.meta.find_undeclared_variables(template) - {"card_data", *metadata.to_dict(), *values}
+    if missing:
+        raise ValueError(f"{CARD_TEMPLATE} uses placeholders nobody fills: {sorted(missing)}")
     text = str(ModelCard.from_template(metadata, template_path=str(CARD_TEMPLATE), **values))
     return text if text.endswith("\n") else text + "\n"  # Jinja drops the template's final newline
 

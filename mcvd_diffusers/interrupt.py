@@ -1,11 +1,5 @@
-"""Stopping a training run on SIGTERM or Ctrl-C without losing its steps.
-
-A cluster scheduler sends SIGTERM some time before it kills a job; Ctrl-C sends SIGINT. The
-first of either only raises a flag: the loop finishes the step it is in, writes a checkpoint
-and stops with ``TrainingInterrupted``; the command line then exits with the conventional
-code 128 + signal number (130 for SIGINT, 143 for SIGTERM). A second signal exits at once
-(checkpoints are written atomically, so that loses only the steps since the last one).
-"""
+"""Stopping training on SIGTERM (a cluster scheduler) or Ctrl-C: the first signal lets the loop finish its
+step, save a checkpoint and raise ``TrainingInterrupted`` (exit code 128 + signal); a second exits at once."""
 
 from __future__ import annotations
 
@@ -13,9 +7,6 @@ import os
 import signal
 import sys
 import threading
-
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainingInterrupted(Exception):
@@ -33,35 +24,30 @@ class StopOnSignal:
     Only the main thread can install signal handlers; elsewhere it does nothing."""
 
     def __init__(self):
-        self.signum = 0
-        self._previous = {}
+        self.signum, self._previous = 0, {}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.signum:  # the second signal: the user or scheduler insists
-            sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now, without a checkpoint\n")
-            sys.stderr.flush()
+            print(f"\n{name} again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                         "(send it again to exit at once)\n")
-        sys.stderr.flush()
+        print(f"\n{name}: finishing this step and saving a checkpoint (send it again to exit at once)", file=sys.stderr,
+              flush=True)
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous.clear()
+        self._previous = {}
 
     def requested(self, accelerator) -> int:
-        """The signal number if any process received one (all processes agree, through Accelerate's
-        trigger), else 0; a process that did not receive it reports SIGTERM."""
+        """The signal number if any process received one (all agree, through Accelerate's trigger), else 0;
+        a process that did not receive it reports SIGTERM."""
         if self.signum:
             accelerator.set_trigger()
-        if accelerator.check_trigger():
-            return self.signum or int(signal.SIGTERM)
-        return 0
+        return (self.signum or int(signal.SIGTERM)) if accelerator.check_trigger() else 0

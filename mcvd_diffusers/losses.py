@@ -12,9 +12,8 @@ from diffusers.video_processor import VideoProcessor
 from .unet.unet_mcvd import MCVDUNet2DModel
 
 
-def draw_keep_mask(
-    batch_size: int, prob_mask: float, generator: torch.Generator | None = None, device=None
-) -> torch.Tensor | None:
+def draw_keep_mask(batch_size: int, prob_mask: float, generator: torch.Generator | None = None, device=None
+                   ) -> torch.Tensor | None:
     """A (B,) bool tensor, False for the samples whose block is replaced by zeros; None when p == 0."""
     if prob_mask == 0:
         return None
@@ -55,16 +54,12 @@ def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> 
     return clipped
 
 
-def _unwrapped(unet) -> MCVDUNet2DModel:
-    # The frame layout lives on the model; a DistributedDataParallel wrapper only runs its forward.
-    return extract_model_from_parallel(unet)
-
-
 def denoising_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.Tensor, noise: torch.Tensor,
                    t: torch.Tensor, keep_past=None, keep_future=None) -> torch.Tensor:
     """Per-sample MSE (B,) of the model's prediction for clips (B, clip_length, C, H, W) in [0, 1],
     given the noise of the current frames, the timesteps and the conditioning masks."""
-    past, current, future = _unwrapped(unet).split_clip(VideoProcessor.normalize(clip))
+    # the frame layout lives on the model; a DistributedDataParallel wrapper only runs its forward
+    past, current, future = extract_model_from_parallel(unet).split_clip(VideoProcessor.normalize(clip))
     noisy = scheduler.add_noise(current, noise, t)
     prediction = unet(noisy, t, past_frames=past, future_frames=future, keep_past=keep_past,
                       keep_future=keep_future).sample
@@ -87,13 +82,10 @@ def augment_past(clip: torch.Tensor, num_past_frames: int, max_std: float,
 def diffusion_loss(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, clip: torch.Tensor,
                    generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
                    past_noise_augment: float = 0.0, timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """MCVD's training loss on a batch of clips (B, clip_length, C, H, W) in [0, 1].
-
-    Timesteps are uniform over the training schedule, or over ``timesteps`` (a sampler's grid) when
-    given; each sample's past and future
-    blocks are masked with the model's ``prob_mask_past`` / ``prob_mask_future``; with
-    ``past_noise_augment`` > 0 the past frames are noised first (``augment_past``)."""
-    model = _unwrapped(unet)
+    """MCVD's training loss on clips (B, clip_length, C, H, W) in [0, 1]. Timesteps are uniform over the schedule,
+    or over ``timesteps`` (a sampler's grid) when given; past and future blocks are masked per sample with the
+    model's ``prob_mask_past`` / ``prob_mask_future``; ``past_noise_augment`` > 0 noises the past first."""
+    model = extract_model_from_parallel(unet)
     cfg = model.config
     batch, device = clip.shape[0], clip.device
     noise = torch.randn((batch, cfg.num_current_frames, *model.frame_shape), generator=generator, device=device,

@@ -1,10 +1,6 @@
-"""Learning-rate schedules, stepped once per optimizer step and saved as plain data in checkpoints.
-
-``warmup_plateau`` is the reproduction's strategy done right: a linear warm-up to the base LR,
-then ReduceLROnPlateau on the validation loss. Every other name is a diffusers schedule from
-``get_scheduler``. The training loop calls ``step()`` after each optimizer step and
-``report(val_loss)`` after each validation; both kinds accept both calls.
-"""
+"""Learning-rate schedules, stepped once per optimizer step and saved as plain data in checkpoints: ours,
+``warmup_plateau``, and diffusers' ``get_scheduler`` ones. Both kinds take ``step()`` after each optimizer
+step and ``report(val_loss)`` after each validation."""
 
 from __future__ import annotations
 
@@ -16,10 +12,8 @@ LR_SCHEDULES = ("warmup_plateau", *DIFFUSERS_SCHEDULES)
 
 
 class WarmupPlateauLR:
-    """Linear warm-up over ``warmup_steps``, then torch's ReduceLROnPlateau on the validation loss:
-    the LR is multiplied by ``factor`` once the loss has not improved by a relative ``threshold``
-    for more than ``patience`` validations, never going below ``min_lr``. Validations during the
-    warm-up are not reported to the plateau rule (the warm-up owns the LR then)."""
+    """Linear warm-up over ``warmup_steps``, then torch's ReduceLROnPlateau on the validation loss (``factor``,
+    ``patience``, relative ``threshold``, ``min_lr``). Validations during the warm-up are not reported to it."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, factor: float, patience: int,
                  threshold: float, min_lr: float):
@@ -52,30 +46,23 @@ class WarmupPlateauLR:
     def state_dict(self) -> dict:
         return {"steps": self.steps, "plateau": self.plateau.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        # The optimizer's own state (restored with the checkpoint) holds the LR itself.
+    def load_state_dict(self, state: dict) -> None:  # the LR itself comes back with the optimizer's state
         self.steps = state["steps"]
         self.plateau.load_state_dict(state["plateau"])
         self._warm_up()
 
 
 class DiffusersLR:
-    """A diffusers ``get_scheduler`` schedule; validation losses do not change it."""
+    """A diffusers ``get_scheduler`` schedule (a LambdaLR); validation losses do not change it."""
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
         self.inner = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-
-    def step(self) -> None:
-        self.inner.step()
+        self.step, self.get_last_lr = self.inner.step, self.inner.get_last_lr
 
     def report(self, val_loss: float) -> bool:
         return False
 
-    def get_last_lr(self) -> list[float]:
-        return self.inner.get_last_lr()
-
-    def state_dict(self) -> dict:
-        # LambdaLR's state holds plain numbers (its lambdas are functions, stored as None).
+    def state_dict(self) -> dict:  # plain numbers: the lambdas are functions, which LambdaLR stores as None
         return {k: v for k, v in self.inner.state_dict().items() if k != "lr_lambdas"}
 
     def load_state_dict(self, state: dict) -> None:

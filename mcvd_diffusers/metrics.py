@@ -1,17 +1,7 @@
-"""Per-frame video metrics and their aggregation (the protocol of docs/DESIGN.md), on torchmetrics.
-
-Frames are (..., C, H, W) floats in [0, 1]; predictions are never post-processed.
-- MSE on [0, 1]; PSNR = 10 log10(1 / MSE) per frame, capped at ``PSNR_CAP`` dB (identical
-  frames would give infinity, which no average survives).
-- SSIM: Gaussian window 11x11, sigma 1.5, data range 1; "binarized SSIM" on frames
-  rounded to {0, 1} (MCVD's MNIST protocol).
-- LPIPS with AlexNet (MCVD) and VGG (the reproduction): grey replicated to 3 channels,
-  inputs in [-1, 1], at the frames' own size.
-Aggregation: mean over frames, then mean-of-k and best-of-k over a clip's k samples,
-then the mean over clips with a 95% interval (1.96 standard errors).
-Set-level metric: the Fréchet Video Distance lives in ``mcvd_diffusers.fvd`` (``fvd``, ``frechet_distance``,
-``feature_statistics``, re-exported here) with its I3D network in ``mcvd_diffusers.models.i3d``.
-"""
+"""Per-frame video metrics and their aggregation (docs/DESIGN.md), on torchmetrics. Frames are (..., C, H, W) floats
+in [0, 1], never post-processed. PSNR is capped at ``PSNR_CAP`` dB (identical frames would give infinity, which no
+average survives); SSIM: Gaussian window 11x11, sigma 1.5; "binarized SSIM" on frames rounded to {0, 1} (MCVD's
+MNIST protocol); LPIPS with AlexNet (MCVD) and VGG (the reproduction). FVD, a set-level metric, is in fvd.py."""
 
 from __future__ import annotations
 
@@ -25,12 +15,10 @@ from diffusers.video_processor import VideoProcessor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-from .fvd import feature_statistics, frechet_distance, fvd  # noqa: F401  (FVD is a set-level metric)
-
 PSNR_CAP = 100.0  # dB; the PSNR of frames whose MSE is 1e-10 or less
 METRICS = ("mse", "psnr", "ssim", "ssim_binarized", "lpips_alex", "lpips_vgg")
-# Digit identity (mcvd_diffusers/digit_classifier.py): a per-frame metric that needs the digits' true positions,
-# scored where the test set records them. NaN where a frame has no readable digit; averages skip those.
+# Digit identity (digit_classifier.py): a per-frame metric that needs the digits' true positions, scored where the
+# test set records them. NaN where a frame has no readable digit; averages skip those.
 DIGIT_ACC = "digit_acc"
 HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "ssim_binarized": True,
                     "lpips_alex": False, "lpips_vgg": False, DIGIT_ACC: True}
@@ -52,20 +40,19 @@ def mse_per_frame(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 def psnr_per_frame(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     _check_pair(prediction, target)
-    frames, lead = prediction.flatten(0, -4).float(), prediction.shape[:-3]
-    psnr = peak_signal_noise_ratio(frames, target.flatten(0, -4).float(), data_range=1.0, reduction="none",
-                                   dim=(1, 2, 3))
-    return psnr.clamp(max=PSNR_CAP).reshape(lead)
+    psnr = peak_signal_noise_ratio(prediction.flatten(0, -4).float(), target.flatten(0, -4).float(), data_range=1.0,
+                                   reduction="none", dim=(1, 2, 3))
+    return psnr.clamp(max=PSNR_CAP).reshape(prediction.shape[:-3])
 
 
 def ssim_per_frame(prediction: torch.Tensor, target: torch.Tensor, binarize: bool = False) -> torch.Tensor:
     _check_pair(prediction, target)
-    frames, goal, lead = prediction.flatten(0, -4).float(), target.flatten(0, -4).float(), prediction.shape[:-3]
+    frames, goal = prediction.flatten(0, -4).float(), target.flatten(0, -4).float()
     if binarize:
         frames, goal = binarize_frames(frames), binarize_frames(goal)
     ssim = structural_similarity_index_measure(frames, goal, gaussian_kernel=True, sigma=1.5, kernel_size=11,
                                                data_range=1.0, reduction="none")
-    return ssim.reshape(lead)
+    return ssim.reshape(prediction.shape[:-3])
 
 
 def binarize_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -88,9 +75,8 @@ def load_lpips(name: str, device: torch.device | str = "cpu") -> LearnedPerceptu
             f"loaded or downloaded ({type(e).__name__}: {e}). Put the file there, or set TORCH_HOME to a folder "
             f"holding hub/checkpoints/{weights} (TORCH_HOME is {os.environ.get('TORCH_HOME', 'unset')})."
         ) from e
-    # channels_last: oneDNN's convolutions skip a layout reorder per layer. LPIPS-VGG is most of a CPU evaluation's
-    # scoring time: 0.62 -> 0.42 s per 10-frame video on 2 threads of an AMD EPYC (Zen 3, no native bf16; fp32),
-    # the same values to 1e-7 (benchmarks/bench_metrics.py)
+    # channels_last: oneDNN's convolutions skip a layout reorder per layer; LPIPS-VGG 0.62 -> 0.42 s per 10-frame
+    # video on 2 threads of an AMD EPYC (Zen 3, no native bf16), the same values to 1e-7 (benchmarks/bench_metrics.py)
     return metric.to(device, memory_format=torch.channels_last).eval()
 
 
@@ -116,25 +102,16 @@ class FrameMetrics:
         """(B, F, C, H, W) pairs in [0, 1] -> {metric: (B, F)} on the CPU."""
         _check_pair(prediction, target)
         prediction, target = prediction.to(self.device).float(), target.to(self.device).float()
-        values = {
-            "mse": lambda: mse_per_frame(prediction, target),
-            "psnr": lambda: psnr_per_frame(prediction, target),
-            "ssim": lambda: ssim_per_frame(prediction, target),
-            "ssim_binarized": lambda: ssim_per_frame(prediction, target, binarize=True),
-        }
-        out = {name: values[name]().cpu() for name in self.metrics if name in values}
-        for name, metric in self.lpips.items():
-            out[name] = self._lpips(metric, prediction, target).cpu()
-        return out
-
-    @staticmethod
-    def _lpips(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        lead = prediction.shape[:-3]
-        if prediction.shape[-3] not in (1, 3):
+        scores = {"mse": mse_per_frame, "psnr": psnr_per_frame, "ssim": ssim_per_frame,
+                  "ssim_binarized": lambda p, t: ssim_per_frame(p, t, binarize=True)}
+        out = {name: scores[name](prediction, target).cpu() for name in self.metrics if name in scores}
+        if self.lpips and prediction.shape[-3] not in (1, 3):
             raise ValueError(f"LPIPS needs 1- or 3-channel frames, got {prediction.shape[-3]}")
-        metric.reset()
-        metric.update(lpips_input(prediction), lpips_input(target))  # torchmetrics checks the [-1, 1] range
-        return metric.compute().reshape(lead)
+        for name, metric in self.lpips.items():
+            metric.reset()
+            metric.update(lpips_input(prediction), lpips_input(target))  # torchmetrics checks the [-1, 1] range
+            out[name] = metric.compute().reshape(prediction.shape[:-3]).cpu()
+        return out
 
 
 def mean_with_interval(values: torch.Tensor) -> dict[str, float]:
@@ -150,34 +127,25 @@ def mean_with_interval(values: torch.Tensor) -> dict[str, float]:
 
 
 def aggregate(per_frame: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """{metric: (N clips, k samples, F frames)} -> per metric: mean-of-k and best-of-k over clips
-    (mean and 95% interval), the per-clip values of both, and the per-frame curves (mean over clips
-    and samples). NaN values (frames a metric cannot score, as digit identity's frames without a readable
-    digit) are left out of every mean; a clip or frame with no value at all has None (JSON's null)."""
+    """{metric: (N clips, k samples, F frames)} -> per metric: mean-of-k and best-of-k over clips (mean and 95%
+    interval), the per-clip values of both, and the per-frame curves (mean over clips and samples). NaN values
+    (digit identity's frames without a readable digit) are left out of every mean; a clip or frame with no value
+    at all has None (JSON's null)."""
     result = {}
     for name, values in per_frame.items():
         if values.ndim != 3:
             raise ValueError(f"{name}: expected (clips, samples, frames), got {tuple(values.shape)}")
-        values = values.double()
-        if values.isnan().any():
-            with warnings.catch_warnings():  # nanmean of nothing is NaN, which is what is meant
-                warnings.simplefilter("ignore")
-                per_sample = values.nanmean(-1)
-                higher = HIGHER_IS_BETTER[name]
-                filled = per_sample.nan_to_num(nan=-math.inf if higher else math.inf)
-                best = filled.max(-1).values if higher else filled.min(-1).values
-                best[per_sample.isnan().all(-1)] = math.nan
-                mean_k, curve = per_sample.nanmean(-1), values.nanmean((0, 1))
-        else:
-            per_sample = values.mean(-1)  # mean over frames -> (N, k)
-            best = per_sample.max(-1).values if HIGHER_IS_BETTER[name] else per_sample.min(-1).values
-            mean_k, curve = per_sample.mean(-1), values.mean((0, 1))
+        values, higher = values.double(), HIGHER_IS_BETTER[name]
+        mean = torch.nanmean if values.isnan().any() else torch.mean
+        with warnings.catch_warnings():  # nanmean of nothing is NaN, which is what is meant
+            warnings.simplefilter("ignore")
+            per_sample = mean(values, -1)  # over frames: (N, k)
+            filled = per_sample.nan_to_num(nan=-math.inf if higher else math.inf)
+            best = filled.max(-1).values if higher else filled.min(-1).values
+            best[per_sample.isnan().all(-1)] = math.nan
+            mean_k, curve = mean(per_sample, -1), mean(values, (0, 1))
         as_list = lambda x: [None if math.isnan(v) else v for v in x.tolist()]  # noqa: E731
-        result[name] = {
-            "mean_of_k": mean_with_interval(mean_k),
-            "best_of_k": mean_with_interval(best),
-            "per_clip_mean_of_k": as_list(mean_k),
-            "per_clip_best_of_k": as_list(best),
-            "per_frame": as_list(curve),
-        }
+        result[name] = {"mean_of_k": mean_with_interval(mean_k), "best_of_k": mean_with_interval(best),
+                        "per_clip_mean_of_k": as_list(mean_k), "per_clip_best_of_k": as_list(best),
+                        "per_frame": as_list(curve)}
     return result

@@ -28,16 +28,15 @@ from .integrity import check_finite, check_tensor_names, verify_checksums
 from .unet.unet_mcvd import MCVDUNet2DModel
 
 OUTPUT_TYPES = ("pt", "np", "pil")
-# The diffusers schedulers this pipeline's loop drives exactly: given a UNet that predicts a known video
-# perfectly, each returns that video (tests/test_pipeline.py, for every prediction type). The loop passes
-# discrete timesteps t and scales inputs with scale_model_input; schedulers that hand the UNet sigma-space
-# noise levels (the EDM family, consistency models) would run on wrong timesteps, and DEIS, PNDM, SA-Solver
-# and TCD stop one step short of a clean sample (the last step's noise stays), so they are refused.
+# The schedulers this pipeline's loop drives exactly: each returns the video a perfect UNet predicts
+# (tests/test_pipeline.py). Refused: sigma-space ones (EDM, consistency models), which would get wrong
+# timesteps, and DEIS, PNDM, SA-Solver and TCD, which stop one step short of a clean sample.
 SUPPORTED_SCHEDULERS = (
     "DDPMScheduler", "DDPMParallelScheduler", "DDIMScheduler", "DDIMParallelScheduler", "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "LCMScheduler",
 )
+WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
 @dataclass
@@ -47,13 +46,9 @@ class MCVDPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
 
 
-WEIGHTS_NAME = "diffusion_pytorch_model"
-
-
 def unet_weight_files(unet_dir: str, variant: str | None = None, use_safetensors: bool | None = None) -> list[str]:
-    """The UNet weight files ``from_pretrained`` loads, as diffusers picks them: safetensors (whole or sharded)
-    unless ``use_safetensors=False``, else PyTorch ``.bin`` files (when ``use_safetensors`` is not True); only
-    those of ``variant`` (``diffusion_pytorch_model.fp16.safetensors``) when one is named."""
+    """The UNet weight files ``from_pretrained`` loads, picked as diffusers does: safetensors (whole or sharded)
+    unless ``use_safetensors=False``, else ``.bin``; only those of ``variant`` when one is named."""
     infix = "" if variant is None else re.escape(f".{variant}")
     names = sorted(os.listdir(unet_dir))
     for extension, allowed in (("safetensors", use_safetensors is not False), ("bin", use_safetensors is not True)):
@@ -85,32 +80,27 @@ def _weight_shapes(path: str) -> dict[str, tuple]:
 def check_pipeline_folder(folder: str | os.PathLike, variant: str | None = None,
                           use_safetensors: bool | None = None) -> None:
     """Raises a clear error when a saved pipeline folder lacks a file or holds a corrupt one."""
-    folder = str(folder)
-    index = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index):
-        raise FileNotFoundError(f"{folder} is not a saved MCVDPipeline: model_index.json is missing")
+    folder, configs = str(folder), {}
     for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
         path = os.path.join(folder, name)
         try:
             with open(path) as f:
-                json.load(f)
+                configs[name] = json.load(f)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{folder}: {name} is missing") from e
+            raise FileNotFoundError(f"{folder} is not a complete saved MCVDPipeline: {name} is missing") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is corrupt (not valid JSON: {e})") from e
     unet_dir = os.path.join(folder, "unet")
     verify_checksums(folder)  # exports record them; a folder without checksums.json skips this
-    weights = unet_weight_files(unet_dir, variant, use_safetensors)
     found = {}
-    for name in weights:
+    for name in unet_weight_files(unet_dir, variant, use_safetensors):
         found.update(_weight_shapes(os.path.join(unet_dir, name)))
-    with open(os.path.join(unet_dir, "config.json")) as f:
-        unet_config = json.load(f)
     try:
         with torch.device("meta"):  # names and shapes only: no memory, no initialization
-            expected = {k: tuple(v.shape) for k, v in MCVDUNet2DModel.from_config(unet_config).state_dict().items()}
+            unet = MCVDUNet2DModel.from_config(configs["unet/config.json"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{unet_dir}/config.json does not describe an MCVDUNet2DModel ({e})") from e
+    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     check_tensor_names(f"{unet_dir} (its weight files)", found, expected)
 
 
@@ -120,22 +110,14 @@ def _is_count(value) -> bool:
 
 
 class MCVDPipeline(DiffusionPipeline):
-    r"""Masked Conditional Video Diffusion on top of an ``MCVDUNet2DModel``.
-
-    Given ``num_past_frames`` frames it generates the next ``num_frames``, one block of
-    ``num_current_frames`` at a time: after each block the conditioning window slides onto
-    the frames just generated, with fresh noise for the next block (MCVD's autoregressive
-    rollout). The scheduler can be any diffusers scheduler, e.g.
-    ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``.
-
-    ``default_num_inference_steps`` (saved in ``model_index.json``) is the step count a call uses
-    when it names none: a trained pipeline ships the count its scheduler was chosen with.
-    ``default_num_frames`` (also saved) is how many frames a call generates when it names none:
-    None is one block (``num_current_frames``); trained pipelines ship the task's 10, so that a model
-    that generates 2 frames per pass still answers ``pipe(past)`` with the next 10.
-    """
+    r"""Masked Conditional Video Diffusion on top of an ``MCVDUNet2DModel``: given ``num_past_frames`` frames, it
+    generates the next ``num_frames``, one block of ``num_current_frames`` at a time, the conditioning window sliding
+    onto each generated block (MCVD's autoregressive rollout). ``default_num_inference_steps`` and
+    ``default_num_frames`` (saved in model_index.json; None: one block) are what a call that names none uses: trained
+    pipelines ship 10 frames, so that a model of 2 frames per pass still answers ``pipe(past)`` with the next 10."""
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: MCVDUNet2DModel, scheduler: SchedulerMixin, default_num_inference_steps: int = 50,
                  default_num_frames: int | None = None):
@@ -151,8 +133,8 @@ class MCVDPipeline(DiffusionPipeline):
 
     @classmethod
     def load_config(cls, *args, **kwargs):
-        """Reads model_index.json. An export's remote code (remote_code.py) names its own copies of the classes
-        there, for plain diffusers; this class loads with the classes it is defined with, running no folder code."""
+        """Reads model_index.json, naming this class's own classes where an export names its remote code's copies
+        (for plain diffusers): no code from the folder runs."""
         result = super().load_config(*args, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
         if isinstance(config.get("_class_name"), list):
@@ -172,24 +154,16 @@ class MCVDPipeline(DiffusionPipeline):
             if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
                 raise FileNotFoundError(f"{path} is not a folder holding a saved MCVDPipeline")
             try:
-                path = snapshot_download(
-                    repo_id=path,
-                    revision=kwargs.pop("revision", None),
-                    token=kwargs.pop("token", None),
-                    cache_dir=kwargs.get("cache_dir"),
-                    local_files_only=kwargs.pop("local_files_only", False),
-                )
+                path = snapshot_download(repo_id=path, revision=kwargs.pop("revision", None),
+                                         token=kwargs.pop("token", None), cache_dir=kwargs.get("cache_dir"),
+                                         local_files_only=kwargs.pop("local_files_only", False))
             except Exception as e:  # offline, unknown repo, bad id: huggingface_hub raises several kinds
-                raise FileNotFoundError(
-                    f"{path} is neither a local folder nor a Hub repo that could be downloaded "
-                    f"({type(e).__name__}: {e})"
-                ) from e
+                raise FileNotFoundError(f"{path} is neither a local folder nor a Hub repo that could be downloaded "
+                                        f"({type(e).__name__}: {e})") from e
         check_pipeline_folder(path, kwargs.get("variant"), kwargs.get("use_safetensors"))
         pipe = super().from_pretrained(path, **kwargs)
         check_finite(f"{path}/unet", pipe.unet.state_dict())
         return pipe
-
-    _callback_tensor_inputs = ["latents"]
 
     @property
     def num_timesteps(self) -> int:
@@ -201,10 +175,9 @@ class MCVDPipeline(DiffusionPipeline):
         """Set ``pipe._interrupt = True`` (e.g. from a callback) to skip the remaining denoising steps."""
         return self._interrupt
 
-    # ------------------------------------------------------------------ inputs
     def _as_batch(self, frames, name: str):
         """Numpy arrays as tensors, and a list of videos (each a tensor or array of (F, H, W) or (F, C, H, W), or a
-        list of PIL images) as one batch; other values unchanged, for check_inputs to name."""
+        list of PIL images) as one batch; other values (None among them) unchanged, for check_inputs to name."""
         if isinstance(frames, np.ndarray):
             return torch.from_numpy(frames)
         if not isinstance(frames, (list, tuple)):
@@ -263,7 +236,7 @@ class MCVDPipeline(DiffusionPipeline):
     def check_inputs(self, past_frames, future_frames, num_frames, num_inference_steps, batch_size,
                      num_videos_per_prompt, output_type, generator, latents, callback_on_step_end,
                      callback_on_step_end_tensor_inputs):
-        """Every check of a call, before any work: frames as ``_as_batch`` returns them."""
+        """Every check of a call, before any work (frames as ``_as_batch`` returns them); returns the video count."""
         cfg = self.unet.config
         if type(self.scheduler).__name__ not in SUPPORTED_SCHEDULERS:
             raise ValueError(f"{type(self.scheduler).__name__} is not supported by MCVDPipeline: it does not sample "
@@ -308,9 +281,8 @@ class MCVDPipeline(DiffusionPipeline):
             raise ValueError(f"got a list of {len(generator)} generators for {total} videos ({batch} x "
                              f"num_videos_per_prompt={num_videos_per_prompt}); pass one generator, or one per video")
         if latents is not None:
-            expected = (total, math.ceil(num_frames / cfg.num_current_frames) * cfg.num_current_frames,
-                        *self.unet.frame_shape)
-            device = self._execution_device
+            frames = math.ceil(num_frames / cfg.num_current_frames) * cfg.num_current_frames
+            expected, device = (total, frames, *self.unet.frame_shape), self._execution_device
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 raise ValueError(f"latents must be a tensor of shape {expected} (videos, blocks x "
                                  f"{cfg.num_current_frames} frames, C, H, W): the noise of every block, got "
@@ -325,10 +297,10 @@ class MCVDPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got "
                              f"{unknown}")
+        return int(total)
 
     def prepare_frames(self, frames, num_videos_per_prompt: int) -> torch.Tensor | None:
-        """Frames as ``_as_batch`` returned them and ``check_inputs`` passed them, as
-        (B * num_videos_per_prompt, F, C, H, W) in [-1, 1] on the UNet's device."""
+        """Checked frames as (B * num_videos_per_prompt, F, C, H, W) in [-1, 1] on the UNet's device."""
         if frames is None:
             return None
         if frames.ndim == 4:
@@ -337,17 +309,22 @@ class MCVDPipeline(DiffusionPipeline):
         frames = self.video_processor.normalize(frames).to(device=self._execution_device, dtype=self.unet.dtype)
         return frames.repeat_interleave(num_videos_per_prompt, dim=0)
 
-    def prepare_extra_step_kwargs(self, generator, eta):
-        # Schedulers differ in what step() takes: pass eta (DDIM) and generator only where accepted.
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        kwargs = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return kwargs
+    def prepare_latents(self, batch: int, num_blocks: int, generator, latents: torch.Tensor | None = None):
+        """Yields each block's initial noise: ``latents`` a block at a time, else drawn when the block starts (so
+        that the first blocks of a long rollout are those of a short one with the same generator)."""
+        frames = self.unet.config.num_current_frames
+        for block in range(num_blocks):
+            if latents is not None:
+                yield latents[:, block * frames:(block + 1) * frames]
+            else:
+                yield randn_tensor((batch, frames, *self.unet.frame_shape), generator=generator,
+                                   device=self._execution_device, dtype=self.unet.dtype)
 
-    # ------------------------------------------------------------------ sampling
+    def prepare_extra_step_kwargs(self, generator, eta):
+        """eta (DDIM) and generator, for the schedulers whose step() takes them."""
+        params = inspect.signature(self.scheduler.step).parameters
+        return {name: value for name, value in (("eta", eta), ("generator", generator)) if name in params}
+
     def _resolve_defaults(self, num_frames, num_inference_steps, callback_on_step_end, tensor_inputs):
         """What a call leaves None: the pipeline's frame and step counts; the tensors a callback object names."""
         if num_frames is None:
@@ -360,7 +337,9 @@ class MCVDPipeline(DiffusionPipeline):
 
     @contextlib.contextmanager
     def _sampling_mode(self):
-        """No dropout while sampling, also for a model handed over mid-training; its mode is restored after."""
+        """No dropout while sampling, also for a model handed over mid-training (its mode is restored after); no
+        ``interrupt`` pending."""
+        self._interrupt = False
         was_training = self.unet.training
         self.unet.eval()
         try:
@@ -378,11 +357,13 @@ class MCVDPipeline(DiffusionPipeline):
             past = block.new_zeros(len(block), num_past, *self.unet.frame_shape)
         return torch.cat([past, block], dim=1)[:, -num_past:]
 
-    def denoise_block(self, latents, past, future, extra_step_kwargs, step, progress_bar, callback_on_step_end=None,
+    def denoise_block(self, noise, past, future, block, extra_step_kwargs, progress_bar, callback_on_step_end=None,
                       callback_on_step_end_tensor_inputs=("latents",)):
-        """Denoises one block from its initial noise over the scheduler's timesteps; ``step`` counts the steps of
-        all blocks so far (what the callback sees). Returns the block and the new step count."""
-        for t in self.scheduler.timesteps:
+        """Denoises block number ``block`` from its initial noise; the callback's step index counts over all blocks."""
+        if block > 0:  # the same timesteps set again: that resets multistep schedulers' history
+            self.scheduler.set_timesteps(self.scheduler.num_inference_steps, device=self._execution_device)
+        latents = noise * self.scheduler.init_noise_sigma
+        for i, t in enumerate(self.scheduler.timesteps):
             if self.interrupt:
                 continue
             model_input = self.scheduler.scale_model_input(latents, t)
@@ -392,11 +373,10 @@ class MCVDPipeline(DiffusionPipeline):
                 callback_kwargs = {}
                 for name in callback_on_step_end_tensor_inputs:
                     callback_kwargs[name] = locals()[name]
-                outputs = callback_on_step_end(self, step, t, callback_kwargs) or {}
-                latents = outputs.pop("latents", latents)
-            step += 1
+                step = block * len(self.scheduler.timesteps) + i
+                latents = (callback_on_step_end(self, step, t, callback_kwargs) or {}).pop("latents", latents)
             progress_bar.update()
-        return latents, step
+        return latents
 
     @torch.no_grad()
     def __call__(
@@ -418,75 +398,54 @@ class MCVDPipeline(DiffusionPipeline):
         r"""Generates video frames.
 
         Args:
-            past_frames: (B, P, H, W) or (B, P, C, H, W), float in [0, 1] or uint8, torch or numpy, with
-                P = ``unet.config.num_past_frames``; or a list of B videos, each (P, H, W) / (P, C, H, W) or a
-                list of P PIL images. None: unconditional generation (models trained with past masking).
-            future_frames: like ``past_frames`` with F = ``num_future_frames`` frames: interpolation.
-            num_frames: frames to generate; default ``config.default_num_frames`` (trained pipelines: 10),
-                else one block (``num_current_frames``). More than one block rolls out autoregressively;
-                the last block is cut to the requested count.
-            num_inference_steps: denoising steps per block; default ``config.default_num_inference_steps``.
-            generator: one ``torch.Generator``, or one per generated video, for reproducible results.
+            past_frames: P = ``num_past_frames`` per video, (B, P[, C], H, W) in [0, 1] or uint8, torch or numpy,
+                or a list of B videos (PIL images too). None: generation (models trained with past masking).
+            future_frames: like ``past_frames``, ``num_future_frames`` frames after the gap: interpolation.
+            num_frames: default ``config.default_num_frames``, else one block; more blocks roll out autoregressively.
+            num_inference_steps: steps per block; default ``config.default_num_inference_steps``.
+            generator: one ``torch.Generator``, or one per generated video.
             batch_size: videos to generate when ``past_frames`` is None (default 1).
-            num_videos_per_prompt: futures drawn for every input video; outputs keep each input's futures together.
-            eta: DDIM's eta (0 = deterministic DDIM); ignored by schedulers without it.
-            latents: the initial noise of every block, (videos, blocks x ``num_current_frames``, C, H, W), in the
-                UNet's dtype and on its device; default drawn with ``generator``.
+            num_videos_per_prompt: futures drawn per input video, kept together in the output.
+            eta: DDIM's eta (0: deterministic); ignored by schedulers without it.
+            latents: every block's initial noise, (videos, blocks x ``num_current_frames``, C, H, W), UNet dtype/device.
             output_type: "pt", "np" or "pil".
-            callback_on_step_end: called after every denoising step as ``fn(pipe, i, t, callback_kwargs)``, i
-                counting steps over all blocks (up to ``pipe.num_timesteps``); a dict it returns replaces the named
-                tensors, e.g. ``{"latents": ...}``. ``PipelineCallback`` objects name their own tensors.
-            callback_on_step_end_tensor_inputs: tensors handed to the callback, of ``_callback_tensor_inputs``.
+            return_dict: False returns the tuple ``(frames,)``.
+            callback_on_step_end: ``fn(pipe, i, t, kwargs)`` after each step, i over all blocks; a dict it returns
+                replaces those tensors (``PipelineCallback`` objects name their own).
+            callback_on_step_end_tensor_inputs: the tensors it gets, of ``_callback_tensor_inputs``.
         """
-        # 0. Defaults
-        cfg = self.unet.config
+        # 0. Defaults, and the tensors a PipelineCallback names
         num_frames, num_inference_steps, callback_on_step_end_tensor_inputs = self._resolve_defaults(
             num_frames, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
-        # 1. Check inputs (lists of videos stacked first, so that they are checked like a batch)
-        past_frames = past_frames if past_frames is None else self._as_batch(past_frames, "past_frames")
-        future_frames = future_frames if future_frames is None else self._as_batch(future_frames, "future_frames")
-        self.check_inputs(past_frames, future_frames, num_frames, num_inference_steps, batch_size,
-                          num_videos_per_prompt, output_type, generator, latents, callback_on_step_end,
-                          callback_on_step_end_tensor_inputs)
-        num_frames, num_inference_steps = int(num_frames), int(num_inference_steps)  # numpy integers too
-        self._interrupt = False
+        # 1. Check inputs (a list of videos is stacked first, to be checked as a batch)
+        past_frames = self._as_batch(past_frames, "past_frames")
+        future_frames = self._as_batch(future_frames, "future_frames")
+        batch = self.check_inputs(past_frames, future_frames, num_frames, num_inference_steps, batch_size,
+                                  num_videos_per_prompt, output_type, generator, latents, callback_on_step_end,
+                                  callback_on_step_end_tensor_inputs)
 
         # 2. Conditioning frames in [-1, 1], each repeated num_videos_per_prompt times
-        past = self.prepare_frames(past_frames, num_videos_per_prompt)
-        future = self.prepare_frames(future_frames, num_videos_per_prompt)
-        batch = len(past) if past is not None else int(batch_size or 1) * num_videos_per_prompt
-        device, dtype = self._execution_device, self.unet.dtype
+        past, future = (self.prepare_frames(frames, num_videos_per_prompt) for frames in (past_frames, future_frames))
 
-        # 3. Timesteps (set again before every later block: it resets multistep schedulers' history)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        num_blocks = math.ceil(num_frames / cfg.num_current_frames)
+        # 3. Timesteps (set again before every later block)
+        self.scheduler.set_timesteps(int(num_inference_steps), device=self._execution_device)
+        num_blocks = math.ceil(num_frames / self.unet.config.num_current_frames)
         self._num_timesteps = num_blocks * len(self.scheduler.timesteps)
 
-        # 4. Initial noise: the given latents, one block each, or drawn when a block starts (so that the first
-        # blocks of a long rollout are those of a short one with the same generator)
-        block_shape = (batch, cfg.num_current_frames, *self.unet.frame_shape)
-        given = None if latents is None else latents.split(cfg.num_current_frames, dim=1)
+        # 4. The scheduler's extra step arguments (the initial noise is drawn as each block starts)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 5. Denoise block by block; each block's frames become the next block's past
-        blocks, step = [], 0
+        blocks = []
         with self._sampling_mode(), self.progress_bar(total=self._num_timesteps) as progress_bar:
-            for block in range(num_blocks):
-                if block > 0:
-                    self.scheduler.set_timesteps(num_inference_steps, device=device)
-                latents = given[block] if given is not None else randn_tensor(
-                    block_shape, generator=generator, device=device, dtype=dtype)
-                latents, step = self.denoise_block(
-                    latents * self.scheduler.init_noise_sigma, past, future, extra_step_kwargs, step,
-                    progress_bar, callback_on_step_end, callback_on_step_end_tensor_inputs)
-                blocks.append(latents)
-                past = self.slide_past(past, latents)
+            for block, noise in enumerate(self.prepare_latents(batch, num_blocks, generator, latents)):
+                blocks.append(self.denoise_block(noise, past, future, block, extra_step_kwargs, progress_bar,
+                                                 callback_on_step_end, callback_on_step_end_tensor_inputs))
+                past = self.slide_past(past, blocks[-1])
 
         # 6. Post-process
         video = torch.cat(blocks, dim=1)[:, :num_frames]  # (B, F, C, H, W) in [-1, 1]
         frames = self.video_processor.postprocess_video(video.permute(0, 2, 1, 3, 4).float(), output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (frames,)
-        return MCVDPipelineOutput(frames=frames)
+        return MCVDPipelineOutput(frames=frames) if return_dict else (frames,)

@@ -1,27 +1,9 @@
-"""Remote code for exported pipelines: the Python files plain diffusers runs to load one without this package.
-
-A pipeline folder saved by ``MCVDPipeline.save_pretrained`` names this package's classes in its
-model_index.json (``"_class_name": "MCVDPipeline"``, ``"unet": ["mcvd_diffusers.unet.unet_mcvd", ...]``),
-which diffusers alone cannot import. ``add_remote_code(folder)`` copies three of the package's files into
-the folder, unchanged, and points model_index.json at the copies, so that both of these load it:
-
-    DiffusionPipeline.from_pretrained(folder_or_repo_id, trust_remote_code=True)  # diffusers only
-    MCVDPipeline.from_pretrained(folder_or_repo_id)  # this package's classes; runs no code from the folder
-
-The package keeps these files where an export needs them (``REMOTE_FILES``, paths relative to the package and
-to the folder alike), and they import only each other, the standard library, torch, numpy, PIL, diffusers,
-huggingface_hub and safetensors (tests/test_remote_code.py checks it with diffusers' own import patterns):
-
-    pipeline_mcvd.py    "_class_name": ["pipeline_mcvd", "MCVDPipeline"]; imports .integrity, .unet.unet_mcvd
-    integrity.py        the weight checks from_pretrained runs
-    unet/unet_mcvd.py   "unet": ["unet_mcvd", "MCVDUNet2DModel"]; imports no file of the folder
-
-How diffusers (0.42) uses them: ``_class_name`` = [module, class] with ``<module>.py`` at the folder's root
-makes a custom pipeline, whose relative imports diffusers copies (or downloads from the Hub) beside it; a
-component entry [module, class] with ``<component>/<module>.py`` is a custom component, loaded from its
-folder on its own. So diffusers runs ``unet/unet_mcvd.py`` twice per load, and the file's last lines make
-both runs give one class.
-"""
+"""Remote code for exported pipelines: ``add_remote_code(folder)`` copies ``REMOTE_FILES`` (paths relative to the
+package and the folder alike) unchanged into a saved pipeline folder and names them in model_index.json, so that plain
+diffusers loads it with ``trust_remote_code=True`` (``MCVDPipeline.from_pretrained`` keeps the package's classes).
+diffusers (0.42) loads ``pipeline_mcvd.py`` as a custom pipeline, fetching its relative imports beside it, and
+``unet/unet_mcvd.py`` as a custom component on its own: it runs that file twice per load (its last lines make both
+runs give one class). The files import only each other, the standard library and diffusers' dependencies (tested)."""
 
 from __future__ import annotations
 
@@ -35,8 +17,7 @@ OLD_MARKER = "# mcvd-diffusers remote code:"
 
 
 def add_remote_code(folder: str | Path) -> list[str]:
-    """Makes a saved MCVDPipeline folder loadable with plain diffusers (``trust_remote_code=True``): copies
-    ``REMOTE_FILES`` into it and names them in model_index.json. Running it again gives the same files.
+    """Makes a saved MCVDPipeline folder loadable with plain diffusers; running it again gives the same files.
     Returns the files written, relative to ``folder``."""
     folder = Path(folder)
     index_path = folder / "model_index.json"
@@ -51,7 +32,8 @@ def add_remote_code(folder: str | Path) -> list[str]:
     if not (folder / "unet").is_dir():
         raise FileNotFoundError(f"{folder} has no unet/ folder for its component 'unet'")
     for stale in sorted(folder.glob("*.py")) + sorted(folder.glob("*/*.py")):
-        if stale.relative_to(folder).as_posix() not in REMOTE_FILES and _written_by_an_earlier_export(stale):
+        name = stale.relative_to(folder).as_posix()
+        if name not in REMOTE_FILES and stale.read_text(encoding="utf-8", errors="replace").startswith(OLD_MARKER):
             stale.unlink()
     for name in REMOTE_FILES:
         (folder / name).write_bytes((PACKAGE_DIR / name).read_bytes())
@@ -60,8 +42,3 @@ def add_remote_code(folder: str | Path) -> list[str]:
     # The format diffusers writes model_index.json in (ConfigMixin.to_json_string).
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return list(REMOTE_FILES)
-
-
-def _written_by_an_earlier_export(path: Path) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.readline().startswith(OLD_MARKER)

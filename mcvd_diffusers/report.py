@@ -1,9 +1,6 @@
-"""What an evaluation writes: the summary table, metrics.json, the per-clip CSV, the metric curves, the
-prediction GIF, the self-contained HTML report, and the model card's evaluation section.
-
-evaluation.py runs the protocol and hands its record (what metrics.json holds) to ``write_outputs``.
-``comparison_gif`` is also training's sample GIF writer.
-"""
+"""What an evaluation writes: the summary table, metrics.json, the per-clip CSV, the metric curves, the prediction
+GIF, the self-contained HTML report, and the model card's evaluation section. ``comparison_gif`` is also
+training's sample GIF writer."""
 
 from __future__ import annotations
 
@@ -28,16 +25,22 @@ from .metrics import DIGIT_ACC, METRICS
 from .runtime import versions
 
 GROUND_TRUTH = "ground truth"  # the sanity row, and the first column of the GIFs
-# What an evaluation writes into its folder; removed when a new evaluation starts, so that the outputs of
-# an earlier run never sit beside an interrupted one looking current. metrics.json is written last.
-OUTPUT_FILES = ("summary.md", "per_clip.csv", "curves.png", "predictions.gif", "report.html", "metrics.json")
+# Removed when a new evaluation starts, so that an earlier run's outputs never sit beside an interrupted one
+# looking current. metrics.json is written last.
+OUTPUT_FILES = ("summary.md", "per_clip.csv", "curves.png", "predictions.gif", "generated.gif", "report.html",
+                "metrics.json")
 SUMMARY_COLUMNS = [("mse", "MSE", 4), ("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("ssim_binarized", "SSIM bin", 3),
                    ("lpips_alex", "LPIPS-alex", 3), ("lpips_vgg", "LPIPS-vgg", 3)]
 DIGIT_COLUMN = (DIGIT_ACC, "digit acc", 3)  # where the test set records the digits' positions
+TIMING_HEADER = ["row", "steps", "s/video (batch 1)", "s/video (amortized)"]
 
 
 def _has_digit_identity(record: dict) -> bool:
     return any(DIGIT_ACC in row["metrics"] for row in record["rows"].values())
+
+
+def _aggregates(row: dict) -> tuple[str, ...]:
+    return ("mean_of_k",) if row["samples_per_clip"] == 1 else ("mean_of_k", "best_of_k")
 
 
 def clear_outputs(out: Path) -> None:
@@ -47,29 +50,16 @@ def clear_outputs(out: Path) -> None:
 
 
 def make_record(config, model_config: dict, test_info: dict, device: str, shipped: str | None, fvd: dict | None,
-                rows: dict) -> dict:
+                rows: dict, **extra) -> dict:
     """What metrics.json holds: the evaluation's config (an ``EvalConfig``), the model's, the test set, the device,
-    where the numbers come from (versions, git commit, command line) and the rows."""
-    return {
-        "model": str(config.model),
-        "model_config": model_config,
-        "eval_config": dataclasses.asdict(config),
-        # the cache folder of the test set, written relative to the home folder: results are shared
-        "test_set": {k: _home_relative(v) if k == "path" else v for k, v in test_info.items()},
-        "data_source": test_info["data_source"],
-        "device": device,
-        "versions": versions(),
-        "git_commit": _git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "shipped_sampler": shipped,
-        "fvd": fvd,
-        "rows": rows,
-    }
-
-
-def _home_relative(path: str) -> str:
-    home = str(Path.home())
-    return "~" + path[len(home):] if path.startswith(home + os.sep) else path
+    where the numbers come from (versions, git commit, command line), the rows, then ``extra``."""
+    home = str(Path.home())  # the test set's cache folder is written relative to it: results are shared
+    return {"model": str(config.model), "model_config": model_config, "eval_config": dataclasses.asdict(config),
+            "test_set": {k: "~" + v[len(home):] if k == "path" and v.startswith(home + os.sep) else v
+                         for k, v in test_info.items()},
+            "data_source": test_info["data_source"], "device": device, "versions": versions(),
+            "git_commit": _git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "shipped_sampler": shipped, "fvd": fvd, "rows": rows, **extra}
 
 
 def _git_commit() -> str | None:
@@ -80,35 +70,36 @@ def _git_commit() -> str | None:
         return None
 
 
-def _fmt_seconds(value) -> str:
-    return "" if value is None else f"{value:.4g}"
+def row_cells(record: dict, label: str, row: dict) -> list[str]:
+    """A table line's first cells (``TIMING_HEADER``): the label, marked when it is the shipped sampler, the steps,
+    the batch-1 median with its spread (flagged busy when another process held the cores), the amortized time."""
+    timing = row["timing"]
+    seconds = lambda name: "" if timing.get(name) is None else f"{timing[name]:.4g}"  # noqa: E731
+    latency = seconds("seconds_per_video_batch1")
+    if latency and "batch1_spread" in timing:
+        latency += f" (±{timing['batch1_spread'] * 50:.0f}%)" + (" busy" if timing.get("batch1_contended") else "")
+    return [f"{label} (shipped)" if label == record.get("shipped_sampler") else label, str(row.get("steps", "")),
+            latency, seconds("seconds_per_video_amortized")]
 
 
-def _fmt_latency(timing: dict) -> str:
-    """The batch-1 median with its spread; flagged when the calls' spread shows another process held the cores."""
-    text = _fmt_seconds(timing.get("seconds_per_video_batch1"))
-    if text and "batch1_spread" in timing:
-        text += f" (±{timing['batch1_spread'] * 50:.0f}%)"
-        if timing.get("batch1_contended"):
-            text += " busy"
-    return text
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(cells) + " |" for cells in lines)])
 
 
 def protocol_notes(record: dict) -> list[str]:
-    """Sentences that say what the stretched rows and the FVD column are, when a record has them, and where the
-    timings were measured."""
-    notes = []
-    machine = record.get("machine")
+    """Sentences that say where the timings were measured and what the task, the stretched rows, the FVD column
+    and digit identity are, where a record has them."""
+    notes, machine, cfg = [], record.get("machine"), record["model_config"]
     if machine:
+        contended = any(row["timing"].get("batch1_contended") for row in record["rows"].values())
+        busy = ("; rows marked busy had calls apart by more than 25%: another process shared the cores, so their "
+                "latency is not this machine's") if contended else ""
         notes.append(f"Timings: {machine['cpu']} (native bf16: {'yes' if machine['cpu_native_bf16'] else 'no'}), "
                      f"{machine['threads']} threads on {machine['cores']} cores, load average "
                      f"{machine['load_average'][0]:.2f} at the start; batch 1 is the median of 5 calls after a warm-up "
-                     "(± half their range)" + ("; rows marked busy had calls apart by more than 25%: another process "
-                                               "shared the cores, so their latency is not this machine's"
-                                               if any(r["timing"].get("batch1_contended")
-                                                      for r in record["rows"].values()) else "") + ".")
+                     f"(± half their range){busy}.")
     if record["eval_config"].get("task") == "interpolate":
-        cfg = record["model_config"]
         notes.append(f"Interpolation: the model sees {cfg['num_past_frames']} past frames and the "
                      f"{cfg['num_future_frames']} frames after a gap of {cfg['num_current_frames']}, and fills the gap; "
                      "'frame i' counts the gap's frames. Linear cross-fade: the last past frame blended into the first "
@@ -119,10 +110,10 @@ def protocol_notes(record: dict) -> list[str]:
                      "without predicting anything better; the rows without it are the honest numbers.")
     fvd = record.get("fvd")
     if fvd:
-        notes.append(f"FVD (lower is better): I3D Kinetics-400 logits of {'past + predicted' if fvd['include_past'] else 'predicted'} "
-                     f"frames at {fvd['frame_size']} px, "
-                     + ("all k x N samples as one set" if fvd["pooling"] == "all" else "one FVD per sample index, averaged")
-                     + f", against the N real videos; I3D weights {fvd['weights']}.")
+        videos = "past + predicted" if fvd["include_past"] else "predicted"
+        pooling = "all k x N samples as one set" if fvd["pooling"] == "all" else "one FVD per sample index, averaged"
+        notes.append(f"FVD (lower is better): I3D Kinetics-400 logits of {videos} frames at {fvd['frame_size']} px, "
+                     f"{pooling}, against the N real videos; I3D weights {fvd['weights']}.")
     digits = record.get("digit_identity") or {}
     if _has_digit_identity(record):
         accuracy = digits.get("classifier_mnist_test_accuracy")
@@ -141,47 +132,40 @@ def summary_table(record: dict) -> str:
     """The markdown table: one line per row and aggregation (mean-of-k, best-of-k), mean ± 95% interval."""
     with_fvd = record.get("fvd") is not None
     columns = [*SUMMARY_COLUMNS, *([DIGIT_COLUMN] if _has_digit_identity(record) else [])]
-    header = ["row", "steps", "s/video (batch 1)", "s/video (amortized)", "k", "aggregate",
-              *[title for _, title, _ in columns], *(["FVD"] if with_fvd else [])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for label, row in record["rows"].items():
-        for aggregate_name in ("mean_of_k", "best_of_k"):
-            if aggregate_name == "best_of_k" and row["samples_per_clip"] == 1:
-                continue
-            shown = f"{label} (shipped)" if label == record.get("shipped_sampler") else label
-            cells = [shown, str(row.get("steps", "")), _fmt_latency(row["timing"]),
-                     _fmt_seconds(row["timing"].get("seconds_per_video_amortized")), str(row["samples_per_clip"]),
-                     aggregate_name.replace("_", "-")]
+        for aggregate in _aggregates(row):
+            cells = [*row_cells(record, label, row), str(row["samples_per_clip"]), aggregate.replace("_", "-")]
             for metric, _, digits in columns:
-                stats = row["metrics"][metric][aggregate_name]
+                stats = row["metrics"][metric][aggregate]
                 cells.append("n/a" if stats["mean"] is None  # no clip had a value (digit identity: no readable digit)
                              else f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f}")
             if with_fvd:  # a set-level number: one per row, on the mean-of-k line
-                fvd_value = row.get("fvd") if aggregate_name == "mean_of_k" else None
-                cells.append("" if fvd_value is None else f"{fvd_value:.1f}")
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                fvd = row.get("fvd") if aggregate == "mean_of_k" else None
+                cells.append("" if fvd is None else f"{fvd:.1f}")
+            lines.append(cells)
+    header = [*TIMING_HEADER, "k", "aggregate", *[title for _, title, _ in columns], *(["FVD"] if with_fvd else [])]
+    return markdown_table(header, lines)
 
 
 def evaluation_results(record: dict) -> list[dict]:
     """Every number of the summary table, unrounded: {row, metric, aggregate, value, ci95} per row, metric
-    and aggregate ("mean_of_k", "best_of_k"; best-of-k only where k > 1), and FVD, a number per row
-    (aggregate None). The model card's metadata takes the shipped sampler's numbers from here."""
+    and aggregate, and FVD, a number per row (aggregate None). The model card's metadata takes the shipped
+    sampler's numbers from here."""
     results = []
     for label, row in record["rows"].items():
-        aggregates = ("mean_of_k",) if row["samples_per_clip"] == 1 else ("mean_of_k", "best_of_k")
         for metric, stats in row["metrics"].items():
             results += [{"row": label, "metric": metric, "aggregate": name, "value": float(stats[name]["mean"]),
-                         "ci95": float(stats[name]["ci95"])} for name in aggregates if stats[name]["mean"] is not None]
+                         "ci95": float(stats[name]["ci95"])}
+                        for name in _aggregates(row) if stats[name]["mean"] is not None]
         if row.get("fvd") is not None:
             results.append({"row": label, "metric": "fvd", "aggregate": None, "value": float(row["fvd"]), "ci95": None})
     return results
 
 
 def update_model_card(folder: Path, record: dict) -> Path:
-    """Adds this evaluation to the model card of a pipeline exported by our training: its table in the text,
-    its numbers (``evaluation_results``) for the card's metadata. Interpolation gets a section of its own
-    (``record_task_evaluation``); prediction is the card's main evaluation."""
+    """Adds this evaluation to the model card of a pipeline exported by our training: its table in the text, its
+    numbers for the card's metadata. Interpolation gets a section of its own; prediction is the main evaluation."""
     if record["eval_config"].get("task") == "interpolate":
         return record_task_evaluation(folder, "interpolate", record, summary_table(record))
     info = read_training_info(folder)
@@ -197,9 +181,7 @@ def update_model_card(folder: Path, record: dict) -> Path:
 def device_text(record: dict) -> str:
     """The device an evaluation ran on, with whether its CPU runs bf16 natively (timings depend on both)."""
     machine = record.get("machine")
-    if not machine:
-        return record["device"]
-    return f"{record['device']}, native bf16: {'yes' if machine['cpu_native_bf16'] else 'no'}"
+    return record["device"] + (f", native bf16: {'yes' if machine['cpu_native_bf16'] else 'no'}" if machine else "")
 
 
 def record_task_evaluation(folder: Path, task: str, record: dict, table: str) -> Path:
@@ -210,6 +192,13 @@ def record_task_evaluation(folder: Path, task: str, record: dict, table: str) ->
         "command": record["command"], "num_clips": cfg["num_clips"], "device": device_text(record),
         "samples_per_clip": None if task == "generate" else cfg["samples_per_clip"], "table": table}
     return write_model_card(folder, info)
+
+
+def write_metrics_json(out: Path, record: dict) -> None:
+    """metrics.json, written last and whole: its presence says the evaluation finished."""
+    tmp = out / ".metrics.json.partial"
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, out / "metrics.json")
 
 
 def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Tensor, gifs: dict) -> None:
@@ -232,35 +221,31 @@ def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Ten
         comparison_gif(out / "predictions.gif", past, future, predictions)
     write_report(out / "report.html", record, table, out / "curves.png",
                  out / "predictions.gif" if (out / "predictions.gif").exists() else None)
-    tmp = out / ".metrics.json.partial"
-    tmp.write_text(json.dumps(json_record, indent=2))
-    os.replace(tmp, out / "metrics.json")  # last: its presence says the evaluation finished
+    write_metrics_json(out, json_record)
 
 
 def _write_per_clip_csv(path: Path, record: dict) -> None:
-    names = [*METRICS, *([DIGIT_ACC] if _has_digit_identity(record) else [])]
+    columns = [(m, a) for m in (*METRICS, *([DIGIT_ACC] if _has_digit_identity(record) else []))
+               for a in ("mean_of_k", "best_of_k")]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "clip", *[f"{m}_{a}" for m in names for a in ("mean_of_k", "best_of_k")]])
+        writer.writerow(["row", "clip", *[f"{m}_{a}" for m, a in columns]])
         for label, row in record["rows"].items():
-            metrics = row["metrics"]
-            for clip in range(len(metrics["mse"]["per_clip_mean_of_k"])):
-                values = [metrics[m][f"per_clip_{a}"][clip] for m in names for a in ("mean_of_k", "best_of_k")]
+            for clip in range(len(row["metrics"]["mse"]["per_clip_mean_of_k"])):
+                values = [row["metrics"][m][f"per_clip_{a}"][clip] for m, a in columns]
                 writer.writerow([label, clip, *["" if v is None else f"{v:.6g}" for v in values]])
 
 
 def plot_curves(path: Path, record: dict) -> None:
     """SSIM, PSNR and LPIPS (and digit identity, where scored) against the predicted frame's index, one line
     per sampler and baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     panels = [("ssim", "SSIM"), ("psnr", "PSNR (dB)"), ("lpips_alex", "LPIPS (AlexNet)"), ("lpips_vgg", "LPIPS (VGG)")]
     if _has_digit_identity(record):
         panels.append((DIGIT_ACC, "digit accuracy"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels))
     # one color per row in every panel; the ground truth (drawn only where it is not a perfect score) in black
     colors = {label: f"C{i}" for i, label in enumerate(label for label in record["rows"] if label != GROUND_TRUTH)}
     colors[GROUND_TRUTH] = "black"
@@ -271,16 +256,14 @@ def plot_curves(path: Path, record: dict) -> None:
             curve = [float("nan") if v is None else v for v in row["metrics"][metric]["per_frame"]]
             ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, color=colors[label],
                     linestyle="--" if row["kind"] == "baseline" else "-", label=label)
-        if metric == DIGIT_ACC:
+        if metric == DIGIT_ACC or ax is axes[0]:
             ax.legend(fontsize=8)
         ax.set_xlabel("predicted frame")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
     fig.suptitle("per-frame metrics (mean over clips and samples)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _tile(frame: torch.Tensor, scale: int, border: tuple[int, int, int]) -> np.ndarray:
@@ -295,25 +278,16 @@ def _tile(frame: torch.Tensor, scale: int, border: tuple[int, int, int]) -> np.n
 
 def comparison_gif(path: str | os.PathLike, past: torch.Tensor, target: torch.Tensor,
                    predictions: dict[str, torch.Tensor], scale: int = 2, fps: int = 4) -> Path:
-    """A GIF grid: one row per clip, columns ground truth then each prediction.
-
-    The past frames play first in every column (green border), then the future
-    (white border for ground truth, red for predictions)."""
-    GREEN, WHITE, RED = (40, 200, 70), (255, 255, 255), (220, 50, 50)
-    columns = {GROUND_TRUTH: target, **predictions}
+    """A GIF grid: one row per clip, columns ground truth then each prediction. The past frames play first in
+    every column (green border), then the future (white border for ground truth, red for predictions)."""
+    columns, num_past = {GROUND_TRUTH: target, **predictions}, past.shape[1]
     tile_width = past.shape[-1] * scale + 4
     frames = []
-    for t in range(past.shape[1] + target.shape[1]):
-        rows = []
-        for b in range(past.shape[0]):
-            tiles = []
-            for label, video in columns.items():
-                if t < past.shape[1]:
-                    tiles.append(_tile(past[b, t], scale, GREEN))
-                else:
-                    tiles.append(_tile(video[b, t - past.shape[1]], scale, WHITE if label == GROUND_TRUTH else RED))
-            rows.append(np.concatenate(tiles, axis=1))
-        grid = np.concatenate(rows, axis=0)
+    for t in range(num_past + target.shape[1]):
+        grid = np.concatenate([np.concatenate([
+            _tile(past[b, t], scale, (40, 200, 70)) if t < num_past else
+            _tile(video[b, t - num_past], scale, (255, 255, 255) if label == GROUND_TRUTH else (220, 50, 50))
+            for label, video in columns.items()], axis=1) for b in range(past.shape[0])], axis=0)
         image = PIL.Image.new("RGB", (grid.shape[1], grid.shape[0] + 28))
         draw = PIL.ImageDraw.Draw(image)
         for i, label in enumerate(columns):
@@ -321,7 +295,7 @@ def comparison_gif(path: str | os.PathLike, past: torch.Tensor, target: torch.Te
             draw.text((i * tile_width + 3, 1), name, fill=(255, 255, 255))
             draw.text((i * tile_width + 3, 13), f"sample {sample}" if sample else "", fill=(200, 200, 200))
         # counted from 1 like the tables and curves: past 1..P, then predicted frames 1..F
-        caption = f"past {t + 1}" if t < past.shape[1] else f"frame {t - past.shape[1] + 1}"
+        caption = f"past {t + 1}" if t < num_past else f"frame {t - num_past + 1}"
         draw.text((grid.shape[1] - 58, 13), caption, fill=(160, 160, 160))
         image.paste(PIL.Image.fromarray(grid), (0, 28))
         frames.append(image)
@@ -337,22 +311,19 @@ def _data_uri(path: Path, mime: str) -> str:
 
 def _markdown_table_to_html(table: str) -> str:
     lines = [line.strip().strip("|").split("|") for line in table.splitlines()]
-    head, body = lines[0], lines[2:]
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
-    return ("<table><thead><tr>" + cells(head, "th") + "</tr></thead><tbody>"
-            + "".join("<tr>" + cells(row, "td") + "</tr>" for row in body) + "</tbody></table>")
+    return ("<table><thead><tr>" + cells(lines[0], "th") + "</tr></thead><tbody>"
+            + "".join("<tr>" + cells(row, "td") + "</tr>" for row in lines[2:]) + "</tbody></table>")
 
 
 def write_report(path: Path, record: dict, table: str, curves: Path, gif: Path | None) -> None:
     """One self-contained HTML page: the table, the curves and the GIF, images inlined."""
     cfg = record["eval_config"]
-    details = {
-        "model": record["model"], "test set": f"{record['test_set']['name']}: {record['data_source']}",
-        "clips": cfg["num_clips"], "samples per clip": cfg["samples_per_clip"],
-        "frames predicted": cfg["num_frames"], "device": record["device"],
-        "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v),
-        "git commit": record["git_commit"] or "unknown",
-    }
+    details = {"model": record["model"], "test set": f"{record['test_set']['name']}: {record['data_source']}",
+               "clips": cfg["num_clips"], "samples per clip": cfg["samples_per_clip"],
+               "frames predicted": cfg["num_frames"], "device": record["device"],
+               "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v),
+               "git commit": record["git_commit"] or "unknown"}
     gif_html = (f'<h2>Predictions</h2><p>Rows: clips. Columns: ground truth, then samples of each sampler. '
                 f'Green border: past frames; red: predicted.</p><img alt="predictions" src="{_data_uri(gif, "image/gif")}">'
                 if gif else "")

@@ -1,11 +1,8 @@
 """One process per run folder: training holds its ``output_dir``, evaluation its ``--out``.
 
-The lock is an operating-system file lock (``filelock``) on ``.<folder>.lock`` beside the folder, so that
-``overwrite=true`` can delete the folder while it is held, and the system releases it when its process dies:
-a lock left by a killed run is simply taken over. Who holds it (pid, host, since when) is written next to it
-for the message a second process prints. The empty ``.lock`` file stays when the run ends (deleting it
-could let two processes hold two different files of one name).
-"""
+An operating-system file lock (``filelock``) on ``.<folder>.lock`` beside the folder: ``overwrite=true`` can
+delete the folder while it is held, and a killed run's lock is released by the system, so simply taken over.
+The holder (pid, host, since) is written next to it for the refusal; the ``.lock`` file itself stays."""
 
 from __future__ import annotations
 
@@ -23,11 +20,6 @@ class RunFolderInUse(RuntimeError):
     """Another live process holds the folder."""
 
 
-def _lock_files(folder: Path) -> tuple[Path, Path]:
-    folder = folder.resolve()
-    return folder.parent / f".{folder.name}.lock", folder.parent / f".{folder.name}.lock.json"
-
-
 @contextlib.contextmanager
 def hold_run_folder(folder: str | os.PathLike, what: str, enabled: bool = True):
     """Holds ``folder`` for the ``with`` block or raises RunFolderInUse naming the holder; ``enabled=False``
@@ -35,7 +27,9 @@ def hold_run_folder(folder: str | os.PathLike, what: str, enabled: bool = True):
     if not enabled:
         yield
         return
-    lock_path, holder_path = _lock_files(Path(folder))
+    resolved = Path(folder).resolve()
+    lock_path = resolved.parent / f".{resolved.name}.lock"
+    holder_path = lock_path.with_name(lock_path.name + ".json")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path, timeout=0, thread_local=False)
     try:

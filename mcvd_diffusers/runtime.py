@@ -1,13 +1,7 @@
-"""Device facts and the opt-in fast paths (precision, channels_last, torch.compile), in one place.
-
-Each fast path is a switch with a safe default; none changes results beyond numerical
-tolerance. A request the device cannot honour raises, rather than running something else
-that the results would then misname (e.g. fp32 reported as bf16).
-
-Precision ``auto`` (training's default) runs bf16 where the hardware runs it natively (a CUDA GPU that
-supports it; a CPU with AVX512-BF16 or AMX, as torch reports) and fp32 elsewhere: a CPU without them
-emulates bf16, far slower than fp32 (``EMULATED_BF16_SLOWDOWN``).
-"""
+"""Device facts and the opt-in fast paths (precision, channels_last, torch.compile): none changes results beyond
+numerical tolerance, and a request the device cannot honour raises rather than running something the results would
+misname (fp32 reported as bf16). Precision ``auto`` runs bf16 only where the hardware runs it natively (a CUDA GPU
+that supports it, a CPU with AVX512-BF16 or AMX): elsewhere torch emulates it, far slower."""
 
 from __future__ import annotations
 
@@ -21,17 +15,11 @@ from pathlib import Path
 
 import torch
 
-# One vocabulary for precision: "no" is Accelerate's name for fp32 (TrainConfig.mixed_precision uses Accelerate's
-# names, and passes on what resolve_precision makes of them), "fp32" the evaluation's and the benchmarks'.
+# "no" is Accelerate's name for fp32 (TrainConfig.mixed_precision's), "fp32" the evaluation's and the benchmarks'.
 PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# What a user may ask for: a precision, or "auto" (resolve_precision: bf16 where the hardware runs it natively).
-PRECISION_CHOICES = ("auto", "no", "fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("auto", "no", "fp32", "bf16", "fp16")  # what a user may ask for
 CHOICES_TEXT = "auto, no (or fp32), bf16, fp16"
-# Measured on an AMD EPYC (Zen 3: AVX2, no AVX512-BF16 or AMX), torch 2.14.1: one training step of configs/cpu.yaml
-# at batch 64 took about 23 s under bf16 autocast vs 1.2 s in fp32. torch emulates bf16 on such CPUs.
-EMULATED_BF16_SLOWDOWN = ("about 20x slower than fp32 (one training step of configs/cpu.yaml at batch 64: about "
-                          "23 s in bf16 vs 1.2 s in fp32, measured on an AMD EPYC Zen 3 with AVX2 only, torch 2.14.1)")
-_warned_emulated_bf16 = False  # the warning about it is given once per process
+_warned_emulated_bf16 = False  # explicit bf16 on a CPU that emulates it warns once per process
 
 
 def device_name(device: torch.device | str) -> str:
@@ -98,21 +86,16 @@ def check_precision(precision: str, device: torch.device | str) -> torch.dtype:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX tiles, as torch reports). Elsewhere torch emulates
-    bf16, far slower than fp32."""
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        check = getattr(torch.cpu, name, None)
-        try:
-            if check is not None and check():
-                return True
-        except Exception:  # a torch without the probe, or one that fails on this platform: not native
-            pass
-    return False
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX tiles, as torch reports)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except Exception:  # torch's private probes fail (or are missing) on this platform: not native
+        return False
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_model_name() -> str:
-    """The CPU's model name: /proc/cpuinfo's 'model name', else platform.processor() (else the architecture)."""
+    """/proc/cpuinfo's 'model name', else platform.processor() (else the architecture)."""
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
@@ -141,42 +124,33 @@ def bf16_is_native(device: torch.device | str) -> bool:
 
 def resolve_precision(requested: str, device: torch.device | str, fp32: str = "no") -> str:
     """The precision to run ``requested`` as on ``device``: "bf16", "fp16", or ``fp32`` (the caller's name for fp32:
-    "no", Accelerate's, for training; "fp32" for the evaluation and the benchmarks). "auto" is bf16 where the
-    hardware runs it natively, fp32 otherwise; an explicit precision the device cannot run raises
-    (check_precision), and explicit bf16 on a CPU that emulates it warns, once per process."""
+    "no" for training, "fp32" for the evaluation and the benchmarks). An explicit precision the device cannot run
+    raises (check_precision); explicit bf16 on a CPU that emulates it warns, once per process."""
+    global _warned_emulated_bf16
     if requested not in PRECISION_CHOICES:
         raise ValueError(f"unknown precision {requested!r}; choose one of {CHOICES_TEXT}")
     device = torch.device(device)
     if requested == "auto":
         return "bf16" if bf16_is_native(device) else fp32
     check_precision(requested, device)
-    if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        _warn_emulated_bf16()
+    if requested == "bf16" and device.type == "cpu" and not _warned_emulated_bf16 and not cpu_has_native_bf16():
+        _warned_emulated_bf16 = True
+        warnings.warn(f"bf16 was asked for, but this CPU ({cpu_model_name()}) has no native bf16 (AVX512-BF16 or "
+                      "AMX): torch emulates it, about 20x slower than fp32 (one training step of configs/cpu.yaml at "
+                      "batch 64: about 23 s in bf16 vs 1.2 s in fp32, measured on an AMD EPYC Zen 3 with AVX2 only, "
+                      "torch 2.14.1). Precision auto runs fp32 here.", UserWarning, stacklevel=2)
     return fp32 if PRECISIONS[requested] == torch.float32 else requested
 
 
-def _warn_emulated_bf16() -> None:
-    global _warned_emulated_bf16
-    if _warned_emulated_bf16:
-        return
-    _warned_emulated_bf16 = True
-    warnings.warn(f"bf16 was asked for, but this CPU ({cpu_model_name()}) has no native bf16 (AVX512-BF16 or AMX): "
-                  f"torch emulates it, {EMULATED_BF16_SLOWDOWN}. Precision auto runs fp32 here.", UserWarning,
-                  stacklevel=3)
-
-
 def precision_info(requested: str, device: torch.device | str, fp32: str = "no") -> dict:
-    """Resolves ``requested`` (resolve_precision) and says what a run records of it: what was asked for, what runs,
-    why, and the CPU's model and native bf16 support."""
+    """resolve_precision, and what a run records of it: what was asked for, what runs, why, and the CPU's facts."""
     resolved = resolve_precision(requested, device, fp32)
     device = torch.device(device)
     native_cpu, cpu = cpu_has_native_bf16(), cpu_model_name()
     if device.type == "cuda":
-        gpu = device_name(device)
-        hardware = f"{gpu} supports bf16" if cuda_has_native_bf16(device) else f"{gpu} has no native bf16"
+        hardware = f"{device_name(device)} {'supports bf16' if cuda_has_native_bf16(device) else 'has no native bf16'}"
     elif device.type == "cpu":
-        hardware = f"this CPU has native bf16: {cpu}" if native_cpu else \
-            f"this CPU has no native bf16 (AVX512-BF16 or AMX): {cpu}"
+        hardware = f"this CPU has {'native bf16' if native_cpu else 'no native bf16 (AVX512-BF16 or AMX)'}: {cpu}"
     else:
         hardware = f"{device.type} device"
     reason = f"auto: {hardware}" if requested == "auto" else f"as configured; {hardware}"
@@ -204,9 +178,8 @@ def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def maybe_compile(module: torch.nn.Module, example_call=None) -> bool:
-    """Compiles ``module`` in place with torch.compile; runs ``example_call()`` to trigger the compilation
-    now. Where compilation is unsupported or fails, warns and leaves the module eager. Returns True if
-    compiled."""
+    """torch.compile ``module`` in place and run ``example_call()`` to compile now; True if compiled. Where
+    compilation is unsupported or fails, warns and leaves the module eager."""
     try:
         module.compile()
         if example_call is not None:

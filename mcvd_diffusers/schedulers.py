@@ -1,12 +1,7 @@
-"""Noise schedules for training, and named diffusers samplers for inference.
-
-Every sampler here is a stock diffusers scheduler built with ``from_config`` from the
-pipeline's own scheduler config, so it shares the trained noise schedule. The only
-choice we make is the timestep grid: ``"trailing"`` spacing starts sampling at the last
-training step (t=999, pure noise). diffusers' DDIM default (``"leading"``) starts 50-step
-sampling at t=980, which under a cosine schedule is far from pure noise: the cause of
-the reproduction's DDIM collapse.
-"""
+"""Noise schedules for training, and named diffusers samplers (stock schedulers built ``from_config`` from the
+pipeline's scheduler config, so sharing its noise schedule) for inference. They use ``"trailing"`` timesteps, which
+start at the last training step (t=999, pure noise): diffusers' DDIM default (``"leading"``) starts 50-step sampling
+at t=980, far from pure noise under a cosine schedule, the cause of the reproduction's DDIM collapse."""
 
 from __future__ import annotations
 
@@ -15,13 +10,7 @@ import typing
 from dataclasses import dataclass
 
 import torch
-
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
@@ -42,10 +31,8 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 
 
-def make_noise_scheduler(
-    beta_schedule: str = "cosine", prediction_type: str = "v_prediction", num_train_timesteps: int = 1000,
-    noise_shift: float = 1.0,
-) -> DDPMScheduler:
+def make_noise_scheduler(beta_schedule: str = "cosine", prediction_type: str = "v_prediction",
+                         num_train_timesteps: int = 1000, noise_shift: float = 1.0) -> DDPMScheduler:
     """The training scheduler, which is also the scheduler a new pipeline ships with (DDPM, x0 clipped to [-1, 1]).
 
     ``noise_shift`` s > 1 divides the signal-to-noise ratio of every step by s^2 (the shifted schedules
@@ -59,26 +46,16 @@ def make_noise_scheduler(
         raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
     if not (isinstance(noise_shift, (int, float)) and math.isfinite(noise_shift) and noise_shift > 0):
         raise ValueError(f"noise_shift must be a finite number > 0, got {noise_shift!r}")
-    trained_betas = None if noise_shift == 1 else shifted_betas(beta_schedule, num_train_timesteps, noise_shift)
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule=BETA_SCHEDULES[beta_schedule],
-        prediction_type=prediction_type,
-        clip_sample=True,
-        clip_sample_range=1.0,
-        timestep_spacing="trailing",
-        trained_betas=trained_betas,
-    )
-
-
-def shifted_betas(beta_schedule: str, num_train_timesteps: int, shift: float) -> list[float]:
-    """Betas whose cumulative alphas have the SNR of ``beta_schedule`` divided by shift^2."""
-    base = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=BETA_SCHEDULES[beta_schedule])
-    alphas_cumprod = base.alphas_cumprod.double()
-    snr = alphas_cumprod / (1 - alphas_cumprod) / shift**2
-    shifted = snr / (1 + snr)
-    betas = 1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])
-    return betas.clamp(max=0.999).tolist()
+    trained_betas = None
+    if noise_shift != 1:  # betas whose cumulative alphas have the schedule's SNR divided by shift^2
+        alphas_cumprod = DDPMScheduler(num_train_timesteps=num_train_timesteps,
+                                       beta_schedule=BETA_SCHEDULES[beta_schedule]).alphas_cumprod.double()
+        snr = alphas_cumprod / (1 - alphas_cumprod) / noise_shift**2
+        shifted = snr / (1 + snr)
+        trained_betas = (1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])).clamp(max=0.999).tolist()
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=BETA_SCHEDULES[beta_schedule],
+                         prediction_type=prediction_type, clip_sample=True, clip_sample_range=1.0,
+                         timestep_spacing="trailing", trained_betas=trained_betas)
 
 
 def make_sampler(name: str, config) -> SchedulerMixin:
@@ -91,8 +68,7 @@ def make_sampler(name: str, config) -> SchedulerMixin:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A named sampler and its step count, written NAME:STEPS ("ddim:20"): parsed once where a user
-    writes it (a config, a command line), then passed around as this value."""
+    """A named sampler and its step count, written NAME:STEPS ("ddim:20") where a user writes it."""
 
     name: str
     steps: int

@@ -1,32 +1,20 @@
-"""Unconditional generation, measured without a ground truth (``eval_mcvd.py --task generate``).
+"""Unconditional generation, measured without a ground truth (``eval_mcvd.py --task generate``): each sampler draws
+``num_clips`` videos with no frames in, scored beside the first ``num_clips`` real test clips and noise (Gaussian
+noise on [-1, 1], clipped: an untrained model's output), a ceiling and a floor for each score:
 
-Each sampler draws ``num_clips`` videos of ``num_frames`` frames with no frames in (one seeded generator
-per video; ``samples_per_clip`` does not apply). The same scores are taken of the first ``num_clips`` real
-test clips (their first ``num_frames`` frames) and of noise (an untrained model's output: Gaussian noise on
-[-1, 1], clipped), so each number has a ceiling and a floor:
-
-- ``confident``: the share of digit windows the digit classifier (digit_classifier.py) reads with a top
-  softmax probability >= ``CONFIDENT``. A frame's digit windows are the ``num_digits`` 28x28 windows with
-  the most ink under a centred Gaussian weight (so a digit lands in the middle of its window, as MNIST
-  centres it), each overlapping those chosen before it by at most ``MAX_OVERLAP`` of its area (the rule of
-  digit identity). The classifier has no "no digit" answer and reads noise confidently, so a window holds a
-  digit only if its mean ink lies in ``INK_RANGE``, what digit windows of real clips hold; any other
-  counts as not confident. ``confidence``: the mean top probability (0 outside the ink range).
-- ``identity_kept``: per video, the share of the digits read confidently in frame 1 that are read as the
-  same labels in each later frame (do generated digits stay the same digits?).
-- ``label_entropy``: the entropy, in bits, of the confident windows' labels over the set: 3.32 (log2 10)
-  when every digit is drawn alike, 0 when one digit is drawn every time.
+- ``confident``: the share of digit windows (``digit_windows``) the digit classifier reads with a top probability
+  >= ``CONFIDENT``; it has no "no digit" answer and reads noise confidently, so a window whose mean ink is outside
+  ``INK_RANGE`` (what real clips' digit windows hold) counts as not confident. ``confidence``: the mean top
+  probability (0 outside the ink range).
+- ``identity_kept``: per video, the share of frame 1's confidently read digits read as the same in later frames.
+- ``label_entropy``: the entropy (bits) of the confident labels over the set: log2 10 when every digit is drawn
+  alike, 0 when one digit is drawn every time.
 - ``pairwise_mse``: the mean per-pixel MSE between videos i and i+1 of the set: 0 when every video is the same.
 - ``fvd`` against the real clips, with ``--fvd``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +27,13 @@ from tqdm.auto import tqdm
 
 from .data.moving_mnist import clips_to_video
 from .digit_classifier import DIGIT_SIZE, MAX_OVERLAP, crop_windows, load_digit_classifier, weights_sha256
-from .evaluation import EvalConfig, _time_batch1, _video_generators, load_fvd_network, load_test_clips, start
+from .evaluation import (EvalConfig, _sample, _time_batch1, _video_generators, load_fvd_network, load_test_clips,
+                         start)
 from .fvd import fvd_from_features, i3d_features
 from .metrics import mse_per_frame
-from .report import _fmt_latency, _fmt_seconds, _git_commit, _tile, clear_outputs, record_task_evaluation
-from .runtime import autocast, device_name, synchronize, versions
+from .report import (TIMING_HEADER, _tile, clear_outputs, device_text, make_record, markdown_table,
+                     record_task_evaluation, row_cells, write_metrics_json)
+from .runtime import device_name
 from .schedulers import SamplerSpec
 
 CONFIDENT = 0.9  # top softmax probability of a confident read
@@ -54,12 +44,12 @@ LOCATOR_SIGMA = 7.0  # pixels: the Gaussian weight that centres each window on i
 REAL, NOISE = "real test clips", "noise"
 SCORES = ("confident", "confidence", "identity_kept", "label_entropy", "pairwise_mse")
 LABEL_WIDTH = 80  # pixels of the GIF's row labels
-OUTPUTS = ("metrics.json", "summary.md", "curves.png", "generated.gif")
 
 
 def digit_windows(frames: torch.Tensor, num_digits: int) -> torch.Tensor:
-    """(B, F, 1, H, W) frames in [0, 1] -> (B, F, num_digits, 2) top-left (row, col) of the windows with the most
-    ink, greedily, each overlapping the ones chosen before it by at most MAX_OVERLAP of its area."""
+    """(B, F, 1, H, W) frames in [0, 1] -> (B, F, num_digits, 2) top-left (row, col) of the 28x28 windows with the
+    most ink under a centred Gaussian weight (a digit lands mid-window, as MNIST centres it), greedily, each
+    overlapping the ones chosen before it by at most MAX_OVERLAP of its area."""
     B, T = frames.shape[:2]
     weight = torch.exp(-(torch.arange(DIGIT_SIZE) - (DIGIT_SIZE - 1) / 2) ** 2 / (2 * LOCATOR_SIGMA**2))
     weight = (weight[:, None] * weight[None])[None, None].to(frames.device)
@@ -108,8 +98,7 @@ def generation_scores(labels: torch.Tensor, top: torch.Tensor, videos: torch.Ten
 def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     """--task generate: draws, scores and writes (metrics.json, summary.md, curves.png, generated.gif)."""
     setup = start(config, requested)  # machine, device, precision, pipeline, samplers; checks the task
-    asked, config, pipe, device, machine = setup.asked, setup.config, setup.pipe, setup.device, setup.machine
-    samplers, shipped, precision = setup.samplers, setup.shipped, setup.precision
+    config, pipe, device = setup.config, setup.pipe, setup.device
     tqdm.write(f"generation: {config.num_clips} videos of {config.num_frames} frames per sampler, beside "
                f"{config.num_clips} real test clips and noise (samples_per_clip does not apply)")
     clips, test_info = load_test_clips(config)
@@ -119,19 +108,14 @@ def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None])
     classifier = load_digit_classifier(device=device)
     num_digits = int(test_info.get("num_digits", 2))
     real = clips_to_video(clips)[:, : config.num_frames]
-    noise_generator = torch.Generator().manual_seed(config.seed)
-    noise = ((torch.randn(real.shape, generator=noise_generator) + 1) / 2).clamp(0, 1)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    noise = ((torch.randn(real.shape, generator=torch.Generator().manual_seed(config.seed)) + 1) / 2).clamp(0, 1)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out)
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)
 
     sets, rows = {REAL: real, NOISE: noise}, {}
-    with tqdm(total=len(samplers) * config.num_clips, desc="generate", unit="video") as progress:
-        for sampler in samplers:
+    with tqdm(total=len(setup.samplers) * config.num_clips, desc="generate", unit="video") as progress:
+        for sampler in setup.samplers:
             progress.set_postfix(sampler=str(sampler))
             sets[str(sampler)], rows[str(sampler)] = generate_videos(setup, sampler, progress)
     real_features = None
@@ -142,13 +126,11 @@ def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None])
             features = i3d_features(videos, i3d, batch_size=config.batch_size, resize_to=config.fvd_size)[:, None]
             real_features = features[:, 0] if label == REAL else real_features
             row["scores"]["fvd"] = fvd_from_features(features, real_features, config.fvd_pooling)
-    record = {"task": "generate", "model": str(config.model), "model_config": dict(pipe.unet.config),
-              "eval_config": dataclasses.asdict(asked), "data_source": test_info["data_source"],
-              "device": device_name(device), "machine": machine, "precision": precision, "versions": versions(),
-              "git_commit": _git_commit(), "command": " ".join(["eval_mcvd.py", *sys.argv[1:]]),
-              "shipped_sampler": shipped, "num_digits": num_digits, "confident_probability": CONFIDENT,
-              "ink_range": INK_RANGE, "classifier": f"sha256:{weights_sha256()}",
-              "fvd": None if i3d is None else {"weights": fvd_weights, "frame_size": config.fvd_size}, "rows": rows}
+    fvd = None if i3d is None else {"weights": fvd_weights, "frame_size": config.fvd_size}
+    record = {"task": "generate", **make_record(
+        setup.asked, dict(pipe.unet.config), test_info, device_name(device), setup.shipped, fvd, rows,
+        machine=setup.machine, precision=setup.precision, num_digits=num_digits, confident_probability=CONFIDENT,
+        ink_range=INK_RANGE, classifier=f"sha256:{weights_sha256()}")}
     _write_generation_outputs(out, record, sets, config.gif_clips)
     if config.update_model_card:
         record_task_evaluation(Path(config.model), "generate", record, generation_table(record))
@@ -158,64 +140,47 @@ def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None])
 def generate_videos(setup, sampler: SamplerSpec, progress) -> tuple[torch.Tensor, dict]:
     """``num_clips`` videos drawn with ``sampler`` (one seeded generator each, in batches) and their row
     (steps, amortized time, and the batch-1 latency with ``timing``)."""
-    config, pipe, device = setup.config, setup.pipe, setup.device
+    config, pipe = setup.config, setup.pipe
     pipe.scheduler = sampler.build(setup.trained_scheduler_config)
     videos, seconds, n = [], 0.0, config.num_clips
     for start_index in range(0, n, config.batch_size):
         index = torch.arange(start_index, min(start_index + config.batch_size, n))
-        generators = _video_generators(device, config.seed, index, torch.zeros_like(index))
-        begin = time.perf_counter()
-        with autocast(config.precision, device):
-            videos.append(pipe(None, batch_size=len(index), num_frames=config.num_frames,
-                               num_inference_steps=sampler.steps, generator=generators).frames.cpu().float())
-        synchronize(device)
-        seconds += time.perf_counter() - begin
+        frames, batch_seconds = _sample(pipe, config, sampler.steps, generator=_video_generators(
+            pipe.device, config.seed, index, torch.zeros_like(index)), batch_size=len(index))
+        videos.append(frames.cpu().float())
+        seconds += batch_seconds
         progress.update(len(index))
     row = {"kind": "sampler", "steps": sampler.steps,
            "timing": {"seconds_per_video_amortized": seconds / n, "batch_size": config.batch_size}}
     if config.timing:
-        row["timing"].update(_time_batch1(pipe, None, sampler.steps, config.num_frames, device, config.precision))
+        row["timing"].update(_time_batch1(pipe, config, sampler.steps))
     return torch.cat(videos), row
 
 
 def generation_table(record: dict) -> str:
     with_fvd = record.get("fvd") is not None
-    header = ["row", "steps", "s/video (batch 1)", "s/video (amortized)", "confident digit", "confidence",
-              "identity kept", "label entropy (bits)", "pairwise MSE", *(["FVD"] if with_fvd else [])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, row in record["rows"].items():
-        scores, timing = row["scores"], row["timing"]
-        shown = f"{label} (shipped)" if label == record.get("shipped_sampler") else label
-        cells = [shown, str(row.get("steps", "")), _fmt_latency(timing),
-                 _fmt_seconds(timing.get("seconds_per_video_amortized"))]
-        cells += ["n/a" if scores[name] is None else f"{scores[name]:.3f}" for name in SCORES]
-        if with_fvd:
-            cells.append(f"{scores['fvd']:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    lines = [[*row_cells(record, label, row),
+              *["n/a" if row["scores"][name] is None else f"{row['scores'][name]:.3f}" for name in SCORES],
+              *([f"{row['scores']['fvd']:.1f}"] if with_fvd else [])] for label, row in record["rows"].items()]
+    return markdown_table([*TIMING_HEADER, "confident digit", "confidence", "identity kept", "label entropy (bits)",
+                           "pairwise MSE", *(["FVD"] if with_fvd else [])], lines)
 
 
-def write_generation_summary(out: Path, record: dict) -> None:
-    """summary.md: what was drawn and compared, the table, and the machine the times come from."""
-    machine = record["machine"]
+def _write_generation_outputs(out: Path, record: dict, sets: dict, gif_videos: int) -> None:
+    """summary.md (what was drawn and compared, the table, the machine the times come from), curves.png,
+    generated.gif (a row per set but noise, named on the left) and metrics.json."""
+    from matplotlib.figure import Figure
+
     (out / "summary.md").write_text(
         f"# Unconditional generation of {record['model']}\n\n{record['eval_config']['num_clips']} videos of "
         f"{record['eval_config']['num_frames']} frames per row, no frames in; real test clips ({record['data_source']})"
         f" and noise for reference. Digit windows: the {record['num_digits']} windows of most ink per frame, read by "
         f"the digit classifier; confident: top probability >= {record['confident_probability']}, in windows whose "
-        f"mean ink is in {list(record['ink_range'])}. Device {record['device']}, native bf16: "
-        f"{'yes' if machine['cpu_native_bf16'] else 'no'}, load average {machine['load_average'][0]:.2f} at the "
-        f"start; batch 1 is the median of 5 calls after a warm-up.\n\n{generation_table(record)}\n")
-
-
-def _write_generation_outputs(out: Path, record: dict, sets: dict, gif_videos: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    write_generation_summary(out, record)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+        f"mean ink is in {list(record['ink_range'])}. Device {device_text(record)}, load average "
+        f"{record['machine']['load_average'][0]:.2f} at the start; batch 1 is the median of 5 calls after a warm-up."
+        f"\n\n{generation_table(record)}\n")
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.subplots()
     for label, row in record["rows"].items():
         curve = row["scores"]["confident_per_frame"]
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=label,
@@ -227,24 +192,19 @@ def _write_generation_outputs(out: Path, record: dict, sets: dict, gif_videos: i
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
-    if gif_videos > 0:  # one row per set: real clips, then each sampler's videos, named on the left
+    if gif_videos > 0:
         shown = {label: videos[:gif_videos] for label, videos in sets.items() if label != NOISE}
-        frames = []
+        border, frames = {label: (255, 255, 255) if label == REAL else (220, 50, 50) for label in shown}, []
         for t in range(record["eval_config"]["num_frames"]):
-            rows = [np.concatenate([_tile(video[t], 2, (255, 255, 255) if label == REAL else (220, 50, 50))
-                                    for video in videos], axis=1) for label, videos in shown.items()]
-            grid = np.concatenate(rows)
+            grid = np.concatenate([np.concatenate([_tile(video[t], 2, border[label]) for video in videos], axis=1)
+                                   for label, videos in shown.items()])
             image = PIL.Image.new("RGB", (grid.shape[1] + LABEL_WIDTH, grid.shape[0] + 16))
             draw = PIL.ImageDraw.Draw(image)
             for i, label in enumerate(shown):
-                draw.text((3, 16 + i * rows[0].shape[0] + 4), "real clips" if label == REAL else label,
-                          fill=(255, 255, 255))
+                text = "real clips" if label == REAL else label
+                draw.text((3, 16 + i * grid.shape[0] // len(shown) + 4), text, fill=(255, 255, 255))
             draw.text((LABEL_WIDTH + 3, 2), f"frame {t + 1}", fill=(160, 160, 160))
             image.paste(PIL.Image.fromarray(grid), (LABEL_WIDTH, 16))
             frames.append(image)
         export_to_gif(frames, str(out / "generated.gif"), fps=4)
-    tmp = out / ".metrics.json.partial"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, out / "metrics.json")
-
+    write_metrics_json(out, record)

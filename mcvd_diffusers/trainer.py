@@ -1,23 +1,6 @@
-"""The training loop behind train_mcvd.py, on Accelerate.
-
-Each step draws fresh Moving MNIST clips from MNIST train digits on the training device and
-applies MCVD's masking (losses.py); the EMA weights are validated on fixed clips of MNIST
-validation digits (validation.py), checkpointed atomically for an exact resume
-(checkpointing.py), and exported with the best validation loss (export.py).
-
-``train`` holds the run folder; ``_setup`` builds a ``Run`` (model, data, optimizer, EMA, restored
-from a checkpoint); ``_train`` is the loop, top to bottom: optimizer step, log, validate, sample,
-checkpoint, stop on a signal; ``_finish`` exports, writes the summary and uploads.
-
-Run folder (``output_dir``)::
-
-    checkpoints/checkpoint-<step>/   Accelerate state + EMA + generators + trainer_state.json
-    best/                            pipeline of the lowest validation loss so far
-    pipeline/                        the export: best weights (or the last, without validation) + README.md
-    samples/step-<step>.gif          past | ground truth | prediction on fixed validation clips
-    logs/                            TensorBoard
-    train_summary.json
-"""
+"""The training loop behind train_mcvd.py, on Accelerate. ``output_dir`` holds checkpoints/checkpoint-<step>/
+(checkpointing.py), best/ (the pipeline of the lowest validation loss so far), pipeline/ (the export, with its
+model card), samples/step-<step>.gif (past | truth | prediction), logs/ (TensorBoard) and train_summary.json."""
 
 from __future__ import annotations
 
@@ -26,12 +9,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
@@ -59,14 +43,14 @@ RUN_MARKER = ".mcvd-run"  # written into every output_dir this project's trainin
 
 def train(config: TrainConfig, command: str | None = None) -> Path:
     """Trains (or resumes) a run and returns the folder of the exported pipeline (EMA weights).
-    ``command``: the command line that started it, recorded in the model card (train_mcvd.py passes it).
-    The main process holds ``output_dir`` throughout: a second run there is refused (RunFolderInUse)."""
+    ``command``: the command line that started it, for the model card. The main process holds ``output_dir``
+    throughout: a second run there is refused (RunFolderInUse)."""
     is_main = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process  # as _make_accelerator
     with hold_run_folder(config.output_dir, "train_mcvd.py", is_main):
         return _train(config, command)
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """What one training run works with: built by ``_setup``, advanced by the loop in ``_train``."""
 
@@ -141,8 +125,7 @@ def _train(config: TrainConfig, command: str | None) -> Path:
 
 
 def _setup(config: TrainConfig, command: str | None) -> Run:
-    """The accelerator, the run folder, the model, its data, optimizer and EMA, restored from the checkpoint
-    to resume, if any."""
+    """The accelerator, run folder, model, data, optimizer and EMA, restored from the checkpoint to resume."""
     accelerator, precision = _make_accelerator(config)
     accelerator.print(describe_precision(precision))
     device = accelerator.device
@@ -153,8 +136,7 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
         unet.warm_start_from(_load_unet(config.init_unet_from))
         accelerator.print(f"warm start: weights from {config.init_unet_from}")
     parameter_names = [name for name, _ in unet.named_parameters()]
-    scheduler = build_noise_scheduler(config)
-    timesteps = training_timesteps(config)
+    scheduler, timesteps = build_noise_scheduler(config), training_timesteps(config)
     if timesteps is not None:
         accelerator.print(f"timesteps: only {config.export_sampler}'s grid, {timesteps.tolist()}")
     train_digits = load_mnist("train", root=config.mnist_root)
@@ -177,22 +159,22 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
                                   betas=(config.adam_beta1, config.adam_beta2), fused=config.fused_adamw or None)
     # Not passed to accelerator.prepare, which would step it once per process: it counts optimizer steps.
     lr_schedule = make_lr_schedule(config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps,
-                                   total_steps=config.max_steps, factor=config.plateau_factor,
-                                   patience=config.plateau_patience, threshold=config.plateau_threshold,
-                                   min_lr=config.min_lr)
+                                   total_steps=config.max_steps, factor=config.plateau_factor, min_lr=config.min_lr,
+                                   patience=config.plateau_patience, threshold=config.plateau_threshold)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     model = accelerator.unwrap_model(unet)
     ema.to(device)
     generator = torch.Generator(device).manual_seed(_rank_seed(config.seed, accelerator.process_index))
-    register_checkpoint_hooks(accelerator, ema, parameter_names, generator)  # EMA and generators travel with it
+    register_checkpoint_hooks(accelerator, ema, parameter_names, generator)  # save_state writes them too
     history, step = {"validations": [], "best": None, "train_loss": None}, 0
     if resume is not None:
-        load_checkpoint(accelerator, resume, resume_state, model, ema, parameter_names)
+        load_checkpoint(accelerator, resume, resume_state, model, ema, parameter_names, generator)
         lr_schedule.load_state_dict(resume_state["lr_schedule"])
         step, history = resume_state["step"], resume_state["history"]
         accelerator.print(f"resumed from {resume} at step {step}")
     if config.report_to == "tensorboard":
-        accelerator.init_trackers("logs", config=_hparams(config))
+        accelerator.init_trackers("logs", config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                                  for k, v in config.to_dict().items()})
     if config.compile:
         _compile(model, unet, scheduler, data, optimizer, accelerator, config)
     # wall time and commands over every start of the run (resumes add theirs), for the model card
@@ -231,11 +213,25 @@ class LossMeter:
         self.micro_batches += 1
 
     def log(self, progress) -> None:
+        """Logs the mean; stops on a non-finite one, and warns once when a mean over 10+ batches doubles the
+        lowest such mean: runs at too high a learning rate jumped so (.05 to .15) and never came back."""
         run, now = self.run, time.perf_counter()
         mean = run.accelerator.reduce(self.total, "mean").item() / self.micro_batches
-        _stop_if_not_finite(mean, self.since_step, run.step, run.out / "checkpoints")
+        if not math.isfinite(mean):
+            kept = list_checkpoints(run.out / "checkpoints")
+            raise FloatingPointError(
+                f"the training loss became {mean} between steps {self.since_step} and {run.step}; stopped. Last "
+                f"good checkpoint: {kept[-1] if kept else 'none'} (resume it with a lower learning_rate, grad_clip, "
+                "or bf16 instead of fp16)")
         run.history["train_loss"] = mean
-        self._warn_if_diverged(mean)
+        if self.micro_batches >= 10:  # fewer batches are too noisy to compare
+            if mean > 2 * self.lowest[0] and not self.warned:
+                self.warned = True  # the mean is reduced across processes: every process sees it, the main says it
+                if run.accelerator.is_main_process:
+                    warnings.warn(f"the training loss rose to {mean:.4g} at step {run.step}, over twice its lowest "
+                                  f"mean ({self.lowest[0]:.4g} at step {self.lowest[1]}): the run has probably "
+                                  "diverged; resume an earlier checkpoint with a lower learning_rate", RuntimeWarning)
+            self.lowest = min(self.lowest, (mean, run.step))
         samples = (run.step - self.since_step) * run.config.batch_size * run.config.gradient_accumulation_steps
         logs = {"train/loss": mean, "train/lr": run.lr_schedule.get_last_lr()[0],
                 "train/grad_norm": float(self.grad_norm),
@@ -243,19 +239,6 @@ class LossMeter:
         run.accelerator.log(logs, step=run.step)
         progress.set_postfix(loss=f"{mean:.4f}", lr=f"{logs['train/lr']:.2e}")
         self._reset(now)
-
-    def _warn_if_diverged(self, mean: float) -> None:
-        """Warn once when a mean over 10+ batches doubles the lowest such mean: runs whose learning rate was too
-        high jumped so (.05 to .15 in a few steps) and never came back, with a finite loss nothing else caught."""
-        if self.micro_batches < 10:  # fewer batches are too noisy to compare
-            return
-        if mean > 2 * self.lowest[0] and not self.warned:
-            self.warned = True  # the mean is reduced across processes: every process sees it, the main one says it
-            if self.run.accelerator.is_main_process:
-                    warnings.warn(f"the training loss rose to {mean:.4g} at step {self.run.step}, over twice its lowest "
-                              f"mean ({self.lowest[0]:.4g} at step {self.lowest[1]}): the run has probably diverged; "
-                              "resume an earlier checkpoint with a lower learning_rate", RuntimeWarning, stacklevel=2)
-        self.lowest = min(self.lowest, (mean, self.run.step))
 
 
 @contextlib.contextmanager
@@ -269,11 +252,11 @@ def ema_weights(run: Run):
         run.ema.restore(run.model.parameters())
 
 
-def _info(run: Run, weights_step: int, val_loss: float | None) -> dict:
-    """training_info.json of an export of the run now (the weights of ``weights_step``)."""
+def _info(run: Run, best: dict | None) -> dict:
+    """training_info.json of an export of the run now: the weights of validation ``best``, or (None) the last."""
     run.history["train_seconds"] = run.seconds_before + time.perf_counter() - run.started
     return training_info(run.config, run.data_source, run.step, run.accelerator.num_processes, run.history,
-                         weights_step, val_loss)
+                         best["step"] if best else run.step, best["loss"] if best else None)
 
 
 def _save_checkpoint(run: Run) -> Path:
@@ -309,22 +292,30 @@ def _validate(run: Run, progress) -> None:
         run.history["best"] = {"step": run.step, "loss": val_loss}
         if is_main:
             with ema_weights(run):
-                save_pipeline(run.model, run.scheduler, run.out / "best", _info(run, run.step, val_loss),
+                save_pipeline(run.model, run.scheduler, run.out / "best", _info(run, run.history["best"]),
                               config.export_sampler)
     progress.set_description("train")
 
 
 def _finish(run: Run) -> Path:
-    """The export (best validation step's EMA weights), train_summary.json and the Hub upload."""
+    """pipeline/ (the best validation step's EMA weights, else the last), train_summary.json, the Hub upload."""
     config, accelerator, out = run.config, run.accelerator, run.out
     if accelerator.is_main_process:
-        accelerator.print(f"exporting the pipeline to {out / 'pipeline'} (with its model card)")
-        pipeline_dir = _export_run(run)
-        best = run.history["best"]
-        summary = {**_info(run, best["step"] if best else run.step, best["loss"] if best else None),
-                   "validations": run.history["validations"], "seconds": time.perf_counter() - run.started,
-                   "device": str(accelerator.device), "data_seeds": [_rank_seed(config.seed, r)
-                                                                     for r in range(accelerator.num_processes)]}
+        pipeline_dir, best = out / "pipeline", run.history["best"]
+        accelerator.print(f"exporting the pipeline to {pipeline_dir} (with its model card)")
+        if best is not None and (out / "best").is_dir():  # best/'s export, with a card of the whole run
+            tmp = out / ".pipeline.copy"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(out / "best", tmp)
+            write_model_card(tmp, {**json.loads((tmp / "training_info.json").read_text()),
+                                   **_info(run, best)}, config.hub_model_id or str(pipeline_dir))
+            replace_dir(tmp, pipeline_dir)
+        else:
+            with ema_weights(run):
+                save_pipeline(run.model, run.scheduler, pipeline_dir, _info(run, None), config.export_sampler)
+        summary = {**_info(run, best), "validations": run.history["validations"],
+                   "seconds": time.perf_counter() - run.started, "device": str(accelerator.device),
+                   "data_seeds": [_rank_seed(config.seed, r) for r in range(accelerator.num_processes)]}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"saved the pipeline (EMA weights of step {summary['weights_step']}) to {pipeline_dir}")
         if config.push_to_hub:
@@ -334,25 +325,6 @@ def _finish(run: Run) -> Path:
     return out / "pipeline"
 
 
-def _export_run(run: Run) -> Path:
-    """The run's pipeline/: the best validation step's export with a card of the whole run, or (without
-    validation) the current EMA weights."""
-    out, config = run.out, run.config
-    pipeline_dir, best = out / "pipeline", run.history["best"]
-    if best is not None and (out / "best").is_dir():
-        tmp = out / ".pipeline.copy"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out / "best", tmp)
-        write_model_card(tmp, {**json.loads((tmp / "training_info.json").read_text()),
-                               **_info(run, best["step"], best["loss"])}, config.hub_model_id or str(pipeline_dir))
-        replace_dir(tmp, pipeline_dir)
-    else:
-        with ema_weights(run):
-            save_pipeline(run.model, run.scheduler, pipeline_dir, _info(run, run.step, None), config.export_sampler)
-    return pipeline_dir
-
-
-# ------------------------------------------------------------------------------ set-up
 def _make_accelerator(config: TrainConfig) -> tuple[Accelerator, dict]:
     # Refuse a precision the device cannot run before Accelerate fixes its process-wide state.
     # (cpu= as Accelerator reads it: a PartialState made without it would pin a CPU run to one process.)
@@ -363,33 +335,16 @@ def _make_accelerator(config: TrainConfig) -> tuple[Accelerator, dict]:
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               log_with="tensorboard" if config.report_to == "tensorboard" else None,
                               project_dir=config.output_dir)
-    _check_launch(accelerator)
+    # `accelerate launch --cpu --num_processes N` starts one process (without MPI): refuse to train on one
+    # process the user did not ask for. The launcher passes N to no environment variable: read its command line.
+    if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        with contextlib.suppress(psutil.Error, AttributeError):
+            asked = re.findall(r"--num_processes[= ](\d+)(?= |$)", " ".join(psutil.Process().parent().cmdline()))
+            if asked and int(n := asked[-1]) > 1:
+                raise ValueError(f"accelerate launch --cpu started 1 process, not the {n} asked for: Accelerate runs "
+                                 "several CPU processes with torchrun and gloo only as "
+                                 f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {n} ...`")
     return accelerator, precision
-
-
-def _check_launch(accelerator: Accelerator) -> None:
-    """`accelerate launch --cpu --num_processes N` starts a single process (Accelerate's simple launcher
-    ignores N without MPI). Say so instead of training on one process the user did not ask for. The
-    launcher passes N to no environment variable (it sets only MASTER_ADDR/PORT when N > 1), so N is
-    read from the launching command line."""
-    if accelerator.num_processes > 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
-        return
-    import psutil
-
-    try:
-        args = psutil.Process().parent().cmdline()
-    except (psutil.Error, AttributeError):
-        return
-    wanted = 1
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else (
-            args[i + 1] if arg == "--num_processes" and i + 1 < len(args) else None)
-        if value is not None and value.isdigit():
-            wanted = int(value)
-    if wanted > 1:
-        raise ValueError(f"accelerate launch --cpu started 1 process, not the {wanted} asked for: Accelerate runs "
-                         f"several CPU processes with torchrun and gloo only as "
-                         f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {wanted} ...`")
 
 
 def _describe(folder: Path, limit: int = 6) -> str:
@@ -397,40 +352,33 @@ def _describe(folder: Path, limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _check_output_dir(config: TrainConfig, out: Path, resuming: bool) -> str | None:
-    """Returns why ``out`` must be emptied first, or None. Only a folder this project's training created
-    (it holds RUN_MARKER) is ever emptied; anything else in the way is refused, naming what is there."""
-    if resuming or not (out.exists() and any(out.iterdir())):
-        return None
-    if not (out / RUN_MARKER).is_file():
-        raise ValueError(f"output_dir {out} is not empty and was not created by mcvd-diffusers training (no "
-                         f"{RUN_MARKER} marker); it holds: {_describe(out)}. It is never deleted: choose another "
-                         "output_dir, or empty it yourself")
-    if config.overwrite:
-        return f"overwrite=true: replacing the run in {out}"
-    if config.resume_from_checkpoint == "latest":
-        if (out / "pipeline").is_dir():
-            raise ValueError(f"output_dir {out} holds a finished run's pipeline/ but no checkpoint to resume; pass "
-                             "overwrite=true to replace that run, or choose another output_dir")
-        # killed before its first checkpoint (only logs, GIFs, best/ or a .partial): nothing to resume
-        return f"{out} holds no complete checkpoint to resume ({_describe(out)}): starting a fresh run there"
-    raise ValueError(f"output_dir {out} already holds another run ({_describe(out)}); pass "
-                     "resume_from_checkpoint=latest to continue it, or overwrite=true to replace it")
-
-
 def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator, out: Path, precision: str
                         ) -> tuple[Path | None, dict | None]:
     """Finds the checkpoint to resume and its verified trainer state ((None, None): a fresh start), checks the
-    folder, marks it as a run's. ``precision``: what this run's mixed_precision resolved to, compared with the
-    checkpoint's."""
-    checkpoints_dir = out / "checkpoints"
-    found = resolve_checkpoint(config.resume_from_checkpoint, checkpoints_dir) if config.resume_from_checkpoint else None
-    resume, state = found or (None, None)
+    folder, marks it as a run's. ``precision``: what this run's mixed_precision resolved to. Only a folder this
+    project's training created (it holds RUN_MARKER) is ever emptied; anything else in the way is refused."""
+    spec, checkpoints_dir = config.resume_from_checkpoint, out / "checkpoints"
+    resume, state = (resolve_checkpoint(spec, checkpoints_dir) if spec else None) or (None, None)
+    clear = None  # why out must be emptied first
     if resume is not None:
         recorded = state["history"].get("precision")  # absent from checkpoints saved before mixed_precision auto
         saved_precision = recorded.get("resolved") if isinstance(recorded, dict) else None
         check_resume_compatible(state["config"], config, resume, precision, saved_precision)
-    clear = _check_output_dir(config, out, resuming=resume is not None)  # every process, before any change
+    elif out.exists() and any(out.iterdir()):  # every process checks, before any change
+        if not (out / RUN_MARKER).is_file():
+            raise ValueError(f"output_dir {out} is not empty and was not created by mcvd-diffusers training (no "
+                             f"{RUN_MARKER} marker); it holds: {_describe(out)}. It is never deleted: choose "
+                             "another output_dir, or empty it yourself")
+        if config.overwrite:
+            clear = f"overwrite=true: replacing the run in {out}"
+        elif spec == "latest" and (out / "pipeline").is_dir():
+            raise ValueError(f"output_dir {out} holds a finished run's pipeline/ but no checkpoint to resume; pass "
+                             "overwrite=true to replace that run, or choose another output_dir")
+        elif spec == "latest":  # killed before its first checkpoint (only logs, GIFs, best/ or a .partial)
+            clear = f"{out} holds no complete checkpoint to resume ({_describe(out)}): starting a fresh run there"
+        else:
+            raise ValueError(f"output_dir {out} already holds another run ({_describe(out)}); pass "
+                             "resume_from_checkpoint=latest to continue it, or overwrite=true to replace it")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if clear:
@@ -444,8 +392,7 @@ def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator, out: Path
 
 
 def _compile(model, unet, scheduler, data, optimizer, accelerator: Accelerator, config: TrainConfig) -> None:
-    """Compiles now, on a throw-away batch of the training shape (its own RNG), so that an unsupported
-    setup falls back to eager before training starts."""
+    """Compiles on a throw-away batch (its own RNG): an unsupported setup falls back to eager before training."""
     probe = torch.Generator(accelerator.device).manual_seed(-1 & 0xFFFF)
 
     def probe_step():
@@ -457,18 +404,5 @@ def _compile(model, unet, scheduler, data, optimizer, accelerator: Accelerator, 
     maybe_compile(model, probe_step)
 
 
-def _stop_if_not_finite(mean_loss: float, since: int, step: int, checkpoints_dir: Path) -> None:
-    if not math.isfinite(mean_loss):
-        kept = list_checkpoints(checkpoints_dir)
-        raise FloatingPointError(
-            f"the training loss became {mean_loss} between steps {since} and {step}; stopped. Last good "
-            f"checkpoint: {kept[-1] if kept else 'none'} (resume it with a lower learning_rate, grad_clip, or "
-            "bf16 instead of fp16)")
-
-
 def _rank_seed(seed: int, process_index: int) -> int:
     return (seed << 16) + process_index  # one data-and-noise stream per process
-
-
-def _hparams(config: TrainConfig) -> dict:
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.to_dict().items()}

@@ -24,18 +24,14 @@ PREDICTED_FRAMES = 10
 
 
 class ValidationSet:
-    """Fixed clips from MNIST validation digits, each with fixed noise and a fixed timestep.
-
-    The timesteps are spread evenly over the schedule (or cycle through the sampler's grid the model
-    trains on, ``train_on_sampler_timesteps``) and everything is drawn once from a
-    seeded CPU generator, so the loss is comparable across evaluations, devices and process
-    counts. Conditioning is never masked: it measures prediction. The clips hold at least the past and
-    ``PREDICTED_FRAMES`` more, so that models of every block size are scored on the same 10 frames."""
+    """Fixed clips from MNIST validation digits, each with fixed noise and a fixed timestep (spread evenly over the
+    schedule, or cycling through the sampler grid the model trains on), all drawn once from a seeded CPU generator,
+    so the loss compares across evaluations, devices and process counts. Conditioning is never masked. The clips
+    hold the past and ``PREDICTED_FRAMES`` more, so models of every block size are scored on the same 10 frames."""
 
     def __init__(self, digits: MNISTDigits, unet: MCVDUNet2DModel, config: TrainConfig, seed: int = VALIDATION_SEED):
         generator = torch.Generator().manual_seed(seed)
-        self.clip_length = unet.clip_length
-        self.num_past = unet.config.num_past_frames
+        self.clip_length, self.num_past = unet.clip_length, unet.config.num_past_frames
         frames = MovingMNIST(digits.images, image_size=config.image_size, num_digits=config.num_digits,
                              num_frames=max(unet.clip_length, self.num_past + PREDICTED_FRAMES), motion=config.motion,
                              labels=digits.labels)
@@ -67,24 +63,21 @@ class ValidationSet:
         unet.train(was_training)
         return accelerator.reduce(total, "sum").item() / len(self)
 
-
     @torch.no_grad()
     def rollout(self, unet: MCVDUNet2DModel, scheduler: DDPMScheduler, sampler: SamplerSpec, count: int):
         """The first ``count`` clips' past, their next ``PREDICTED_FRAMES`` frames and the model's prediction
         of them (block by block, seeded), all (count, frames, C, H, W) in [0, 1] on the CPU."""
         pipe = MCVDPipeline(unet=unet, scheduler=sampler.build(scheduler.config))
         pipe.set_progress_bar_config(disable=True)
-        device = next(unet.parameters()).device
         clips = self.clips[:count]
         past, target = clips[:, : self.num_past], clips[:, self.num_past : self.num_past + PREDICTED_FRAMES]
-        video = pipe(past.to(device), num_frames=PREDICTED_FRAMES, num_inference_steps=sampler.steps,
-                     generator=torch.Generator(device).manual_seed(0)).frames
+        video = pipe(past.to(pipe.device), num_frames=PREDICTED_FRAMES, num_inference_steps=sampler.steps,
+                     generator=torch.Generator(pipe.device).manual_seed(0)).frames
         return past, target, video.cpu().float()
 
     def rollout_scores(self, unet: MCVDUNet2DModel, scheduler: DDPMScheduler, sampler: SamplerSpec,
                        count: int) -> dict[str, float]:
-        """MSE and SSIM of the 10-frame rollout on the first ``count`` clips (all of them if fewer): means, and
-        SSIM at frames 1, 5 and 10."""
+        """MSE and SSIM of the 10-frame rollout of the first ``count`` clips: means, and SSIM at frames 1, 5, 10."""
         _, target, video = self.rollout(unet, scheduler, sampler, count)
         ssim = ssim_per_frame(video, target).mean(0)
         return {"mse": mse_per_frame(video, target).mean().item(), "ssim": ssim.mean().item(),
@@ -104,11 +97,9 @@ def write_sample_gif(unet: MCVDUNet2DModel, scheduler: DDPMScheduler, validation
     sampler = config.sample_sampler
     pipe = MCVDPipeline(unet=unet, scheduler=sampler.build(scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    device = next(unet.parameters()).device
-    clips = validation.clips[: config.sample_clips, : unet.clip_length].to(device)
-    past, current, future = unet.split_clip(clips)
-    video = pipe(past if past.shape[1] else None, future_frames=future, batch_size=len(clips),
-                 num_inference_steps=sampler.steps, generator=torch.Generator(device).manual_seed(0)).frames
+    past, current, future = unet.split_clip(validation.clips[: config.sample_clips, : unet.clip_length].to(pipe.device))
+    video = pipe(past if past.shape[1] else None, future_frames=future, batch_size=len(past),
+                 num_inference_steps=sampler.steps, generator=torch.Generator(pipe.device).manual_seed(0)).frames
     return comparison_gif(path, past.cpu(), current.cpu(), {"prediction": video.cpu()})
 
 

@@ -20,7 +20,7 @@ from mcvd_diffusers.checkpointing import list_checkpoints
 from mcvd_diffusers.data.moving_mnist import MovingMNIST
 from mcvd_diffusers.hub import push_to_hub
 from mcvd_diffusers.lr_schedules import make_lr_schedule
-from mcvd_diffusers.config import TrainConfig, build_unet, load_config_file
+from mcvd_diffusers.config import TrainConfig, build_unet, check_resume_compatible, load_config_file
 from mcvd_diffusers.export import export_checkpoint
 from mcvd_diffusers.losses import draw_keep_mask, min_snr_weights
 from mcvd_diffusers.schedulers import SamplerSpec
@@ -520,3 +520,17 @@ def test_accelerate_cpu_flag_that_starts_one_process_is_refused(tmp_path):
     assert result.returncode != 0
     assert "started 1 process, not the 2 asked for" in result.stderr and "--multi_gpu" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_configs_of_earlier_versions_holding_a_removed_key_switched_off_still_load_and_resume(tmp_path):
+    shipped = json.loads((REPO / "checkpoints" / "mmnist-5to10" / "training_info.json").read_text())["config"]
+    assert shipped["residual_to_last_past"] is False  # written before the key was removed
+    config = TrainConfig.from_dict(shipped)
+    kept = {k: v for k, v in shipped.items() if k != "residual_to_last_past"}
+    assert kept.items() <= config.to_dict().items()  # every other key as recorded (later keys at their defaults)
+    check_resume_compatible(shipped, config, tmp_path / "checkpoint-10")  # the checkpoint's config: resumable
+    switched_on = {**shipped, "residual_to_last_past": True}
+    with pytest.raises(ValueError, match=r"\['residual_to_last_past'\] were removed"):
+        TrainConfig.from_dict(switched_on)
+    with pytest.raises(ValueError, match="cannot train or resume a run that switches them on"):
+        check_resume_compatible(switched_on, config, tmp_path / "checkpoint-10")

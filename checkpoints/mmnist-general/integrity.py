@@ -1,14 +1,6 @@
-"""Files that survive a crash and weights that cannot load half-wrong.
-
-- Durability: ``fsync_tree`` flushes a finished folder's files and the folder itself, and
-  ``fsync_dir`` the parent around a rename, so that after a power loss a folder that has its
-  completion marker also has its contents.
-- Checksums: an exported pipeline records the SHA-256 of every weight file in
-  ``checksums.json``; loading verifies them when the file is present.
-- Tensors: the names (and shapes) a model expects are compared with what a weight file
-  holds, and non-finite weights are refused, each with an error that names the tensors.
-- Disk full: a failed write is re-raised as an ``OSError`` naming the path and the free space.
-"""
+"""Files that survive a crash (fsync), weight files checked against their SHA-256 (``checksums.json``) and
+the tensors a model expects, and a full disk reported as such. Copied into exported pipelines as remote
+code: it imports only the standard library and torch."""
 
 from __future__ import annotations
 
@@ -36,11 +28,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _names(names) -> str:
     names = sorted(names)
-    shown = ", ".join(names[:_SHOWN])
-    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+    return ", ".join(names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
 
-# ------------------------------------------------------------------------------ durability
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Makes a folder's entries (a rename into it, a deletion) durable."""
     with contextlib.suppress(OSError):  # some filesystems do not allow opening folders
@@ -61,21 +51,10 @@ def fsync_tree(folder: str | os.PathLike) -> None:
 
 
 def write_json_durably(path: str | os.PathLike, value) -> None:
-    """Writes a JSON file and flushes it to disk."""
     with open(path, "w") as f:
         json.dump(value, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-# ------------------------------------------------------------------------------ disk full
-def _is_write_failure(error: BaseException) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(error).lower()
-    # torch's zip writer ("file write failed") and safetensors ("No space left on device (os error 28)")
-    # report a full disk as RuntimeError / SafetensorError, not OSError
-    return "no space left" in text or "file write failed" in text or "disk quota" in text
 
 
 @contextlib.contextmanager
@@ -84,7 +63,11 @@ def explain_disk_full(path: str | os.PathLike):
     try:
         yield
     except Exception as e:
-        if not _is_write_failure(e):
+        text = str(e).lower()
+        # torch's zip writer ("file write failed") and safetensors ("No space left on device (os error 28)")
+        # report a full disk as RuntimeError / SafetensorError, not OSError
+        if not ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+                or any(s in text for s in ("no space left", "file write failed", "disk quota"))):
             raise
         probe = Path(path)
         while not probe.exists() and probe != probe.parent:
@@ -95,7 +78,6 @@ def explain_disk_full(path: str | os.PathLike):
                                     f"resume. Original error: {type(e).__name__}: {e}") from None
 
 
-# ------------------------------------------------------------------------------ checksums
 def write_checksums(folder: str | os.PathLike, pattern: str = "**/*.safetensors") -> dict[str, str]:
     """Records the SHA-256 of every weight file under ``folder`` in ``checksums.json``."""
     folder = Path(folder)
@@ -121,30 +103,24 @@ def verify_checksums(folder: str | os.PathLike, pattern: str = "**/*.safetensors
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{record_path} is corrupt ({e})") from e
     present = {p.relative_to(folder).as_posix() for p in folder.glob(pattern)}
-    missing = sorted(set(expected) - present)
-    if missing:
+    if missing := set(expected) - present:
         raise FileNotFoundError(f"{folder}: weight files recorded in {CHECKSUMS_FILE} are missing: {_names(missing)}")
-    unrecorded = sorted(present - set(expected))
-    if unrecorded:
+    if unrecorded := present - set(expected):
         raise ValueError(f"{folder}: weight files not recorded in {CHECKSUMS_FILE}: {_names(unrecorded)} (a file "
                          "added after the export)")
     for name, digest in sorted(expected.items()):
-        actual = sha256_file(folder / name)
-        if actual != digest:
+        if (actual := sha256_file(folder / name)) != digest:
             raise ValueError(f"{folder / name} is corrupt: its SHA-256 is {actual}, {CHECKSUMS_FILE} records "
                              f"{digest} (a damaged download or disk; fetch the file again)")
     return True
 
 
-# ------------------------------------------------------------------------------ tensors
 def check_tensor_names(source: str, found: dict[str, tuple], expected: dict[str, tuple]) -> None:
     """``found`` / ``expected``: tensor name -> shape. Missing, unexpected or reshaped tensors are an
     error naming them: loading them would leave part of the model randomly initialized."""
     missing, unexpected = set(expected) - set(found), set(found) - set(expected)
     reshaped = sorted(n for n in set(found) & set(expected) if tuple(found[n]) != tuple(expected[n]))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_names(missing)}")
+    problems = [f"{len(missing)} missing tensor(s): {_names(missing)}"] if missing else []
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
     if reshaped:
@@ -156,6 +132,5 @@ def check_tensor_names(source: str, found: dict[str, tuple], expected: dict[str,
 
 def check_finite(source: str, tensors: dict[str, torch.Tensor]) -> None:
     """Refuses weights holding NaN or infinity (a flipped byte, a diverged run), naming the tensors."""
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
+    if bad := [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
         raise ValueError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {_names(bad)}")

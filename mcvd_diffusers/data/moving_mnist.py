@@ -1,13 +1,6 @@
-"""Moving MNIST: a vectorized bouncing-digit generator, the fixed test set, and the official file.
-
-- ``MovingMNIST`` draws a whole batch of sequences in one call, on the device its
-  digits live on, so training can draw fresh clips every step.
-- ``load_test_set`` materializes a fixed set of clips from MNIST *test* digits once,
-  as a ``datasets.Dataset`` saved to disk (Arrow, memory-mapped), and reuses it. Beside the
-  frames it records where each digit is in every frame and which digit it is
-  (``clip_layout``), for the digit-identity metric.
-- ``load_mnist_test_seq`` reads the standard ``mnist_test_seq.npy`` (Srivastava et al. 2015).
-"""
+"""Moving MNIST: a vectorized bouncing-digit generator (``MovingMNIST``), the fixed test set (``load_test_set``, a
+``datasets.Dataset`` cached on disk with each digit's position and label per frame for the digit-identity metric),
+and the official ``mnist_test_seq.npy`` (Srivastava et al. 2015, ``load_mnist_test_seq``)."""
 
 from __future__ import annotations
 
@@ -28,30 +21,15 @@ MOTIONS = ("deterministic", "stochastic")
 
 
 class MovingMNIST:
-    """Bouncing MNIST digits on a black canvas, combined by pixel-wise max.
+    """Bouncing MNIST digits on a black canvas, combined by pixel-wise max, drawn on the device of ``digits``
+    ((N, 28, 28) uint8); ``labels`` (N,), optional, are returned per digit by ``sample(..., return_layout=True)``.
 
-    Deterministic motion follows Srivastava et al. (2015): a random start and direction,
-    a constant speed of ``step_length`` (fraction of the free range per frame, 0.1 there),
-    elastic bounces off the walls. Stochastic motion (SVG / MCVD's SMMNIST) redraws the
-    direction at every bounce, pointing away from the wall, at the same speed.
+    Deterministic motion (Srivastava et al. 2015): a random start and direction, a constant speed of
+    ``step_length`` (fraction of the free range per frame), elastic bounces off the walls. Stochastic motion
+    (SVG / MCVD's SMMNIST) redraws the direction at every bounce, pointing away from the wall, at the same speed."""
 
-    Args:
-        digits: (N, 28, 28) uint8 digit images (``MNISTDigits.images``); their device is
-            the device sequences are generated on.
-        labels: (N,) their classes (``MNISTDigits.labels``), optional: ``sample(..., return_layout=True)``
-            returns them per digit when given.
-    """
-
-    def __init__(
-        self,
-        digits: torch.Tensor,
-        image_size: int = 64,
-        num_digits: int = 2,
-        num_frames: int = 20,
-        motion: str = "deterministic",
-        step_length: float = 0.1,
-        labels: torch.Tensor | None = None,
-    ):
+    def __init__(self, digits: torch.Tensor, image_size: int = 64, num_digits: int = 2, num_frames: int = 20,
+                 motion: str = "deterministic", step_length: float = 0.1, labels: torch.Tensor | None = None):
         if digits.ndim != 3 or tuple(digits.shape[1:]) != (DIGIT_SIZE, DIGIT_SIZE) or digits.dtype != torch.uint8:
             raise ValueError(f"digits must be a (N, 28, 28) uint8 tensor, got {tuple(digits.shape)} {digits.dtype}")
         if len(digits) == 0:
@@ -68,20 +46,13 @@ class MovingMNIST:
             raise ValueError(f"labels must be one per digit, shape ({len(digits)},), got {tuple(labels.shape)}")
         self.digits = digits
         self.labels = None if labels is None else labels.to(device=digits.device, dtype=torch.int64)
-        self.image_size = image_size
-        self.num_digits = num_digits
-        self.num_frames = num_frames
-        self.motion = motion
-        self.step_length = step_length
-
-    @property
-    def device(self) -> torch.device:
-        return self.digits.device
+        self.image_size, self.num_digits, self.num_frames = image_size, num_digits, num_frames
+        self.motion, self.step_length = motion, step_length
 
     def trajectories(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Top-left pixel positions (row, col) of each digit: (B, T, D, 2) int64 in [0, image_size - 28]."""
         shape = (batch_size, self.num_digits)
-        rand = lambda *s: torch.rand(*s, generator=generator, device=self.device)  # noqa: E731
+        rand = lambda *s: torch.rand(*s, generator=generator, device=self.digits.device)  # noqa: E731
         pos = rand(*shape, 2)  # in units of the free range [0, 1]
         angle = rand(*shape) * 2 * math.pi
         vel = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1) * self.step_length
@@ -118,13 +89,12 @@ class MovingMNIST:
                return_layout: bool = False):
         """A batch of sequences (B, T, 1, H, W): floats in [0, 1], or uint8 when ``dtype=torch.uint8``.
 
-        With ``return_layout=True``: ``(frames, positions, labels)``, where positions (B, T, D, 2) int64 are
-        each digit's top-left pixel (row, col) in every frame and labels (B, D) int64 its class (None when
-        the generator was made without ``labels``). The frames are the same either way, for the same
-        generator state: the layout is what they were drawn from, not a second draw."""
+        With ``return_layout=True``: ``(frames, positions, labels)``, each digit's top-left pixel (row, col) per frame
+        (B, T, D, 2) and class (B, D) (None without ``labels``), both int64: what the same frames were drawn from."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        index = torch.randint(len(self.digits), (batch_size, self.num_digits), generator=generator, device=self.device)
+        index = torch.randint(len(self.digits), (batch_size, self.num_digits), generator=generator,
+                              device=self.digits.device)
         positions = self.trajectories(batch_size, generator)
         frames = self.render(self.digits[index], positions)[:, :, None]
         frames = frames if dtype == torch.uint8 else frames.to(dtype) / 255
@@ -136,9 +106,8 @@ class MovingMNIST:
 # ---------------------------------------------------------------- fixed test set
 TEST_SET_SEED = 2022
 TEST_SET_CLIPS = 1000
-# What a materialized test set holds. 1: frames; 2: frames, positions and labels (the same frames). Part of
-# the cache key, so a test set cached by an earlier version is never taken for one with positions: a new one
-# is generated beside it (and a folder of this format that lacks them is regenerated).
+# What a materialized test set holds (1: frames; 2: also positions and labels). Part of the cache key, so a set
+# cached by an earlier version is never taken for one with positions.
 TEST_SET_FORMAT = 2
 LAYOUT_COLUMNS = ("positions", "labels")
 _TEST_SET_META = "mcvd_test_set.json"
@@ -148,17 +117,10 @@ def digits_fingerprint(digits: torch.Tensor) -> str:
     return hashlib.sha256(digits.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def build_test_set(
-    digits: MNISTDigits,
-    num_clips: int = TEST_SET_CLIPS,
-    seed: int = TEST_SET_SEED,
-    chunk_size: int = 500,
-    **generator_kwargs,
-):
-    """Generates ``num_clips`` clips on the CPU with a fixed seed: a ``datasets.Dataset`` with a uint8
-    column ``frames`` of shape (T, H, W), and the layout they were drawn from: ``positions`` (T, D, 2) int16,
-    each digit's top-left pixel (row, col) per frame, and ``labels`` (D,) int64, each digit's class.
-    The same arguments give the same clips on every machine."""
+def build_test_set(digits: MNISTDigits, num_clips: int = TEST_SET_CLIPS, seed: int = TEST_SET_SEED,
+                   chunk_size: int = 500, **generator_kwargs):
+    """``num_clips`` clips drawn on the CPU with a fixed seed (the same on every machine): a ``datasets.Dataset``
+    of uint8 ``frames`` (T, H, W), int16 ``positions`` (T, D, 2) and int64 ``labels`` (D,) (see ``sample``)."""
     import datasets
 
     generator = MovingMNIST(digits.images.cpu(), labels=digits.labels.cpu(), **generator_kwargs)
@@ -168,13 +130,9 @@ def build_test_set(
     frames = torch.cat([chunk[0][:, :, 0] for chunk in chunks]).numpy()
     positions = torch.cat([chunk[1] for chunk in chunks]).to(torch.int16).numpy()
     labels = torch.cat([chunk[2] for chunk in chunks]).numpy()
-    T, H, W = frames.shape[1:]
-    D = positions.shape[2]
-    features = datasets.Features({
-        "frames": datasets.Array3D(shape=(T, H, W), dtype="uint8"),
-        "positions": datasets.Array3D(shape=(T, D, 2), dtype="int16"),
-        "labels": datasets.Sequence(datasets.Value("int64"), length=D),
-    })
+    features = datasets.Features({"frames": datasets.Array3D(shape=frames.shape[1:], dtype="uint8"),
+                                  "positions": datasets.Array3D(shape=positions.shape[1:], dtype="int16"),
+                                  "labels": datasets.Sequence(datasets.Value("int64"), length=labels.shape[1])})
     return datasets.Dataset.from_dict({"frames": frames, "positions": positions, "labels": labels},
                                       features=features)
 
@@ -189,28 +147,16 @@ def clip_layout(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
             torch.from_numpy(np.asarray(layout["labels"], dtype=np.int64)))
 
 
-def load_test_set(
-    root: str | os.PathLike | None = None,
-    num_clips: int = TEST_SET_CLIPS,
-    seed: int = TEST_SET_SEED,
-    cache_dir: str | os.PathLike | None = None,
-    **generator_kwargs,
-):
-    """The fixed test set made from MNIST *test* digits (``root`` as in ``load_mnist``), built once
-    into ``cache_dir`` (default: the package cache) and memory-mapped from there afterwards.
-
-    Returns the dataset (torch format, uint8) and a dict describing it (seed, data source, generator options)."""
+def load_test_set(root: str | os.PathLike | None = None, num_clips: int = TEST_SET_CLIPS, seed: int = TEST_SET_SEED,
+                  cache_dir: str | os.PathLike | None = None, **generator_kwargs):
+    """The fixed test set of MNIST *test* digits (``root`` as in ``load_mnist``), built once into ``cache_dir``
+    (default: the package cache), memory-mapped afterwards: the dataset (torch format, uint8) and its metadata."""
     import datasets
 
     digits = load_mnist("test", root=root)
-    meta = {
-        "format": TEST_SET_FORMAT,
-        "num_clips": num_clips,
-        "seed": seed,
-        "digits": digits_fingerprint(digits.images),
-        "data_source": digits.source,
-        **{k: generator_kwargs[k] for k in sorted(generator_kwargs)},
-    }
+    meta = {"format": TEST_SET_FORMAT, "num_clips": num_clips, "seed": seed,
+            "digits": digits_fingerprint(digits.images), "data_source": digits.source,
+            **{k: generator_kwargs[k] for k in sorted(generator_kwargs)}}
     key = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "data_source"}, sort_keys=True).encode())
     folder = Path(cache_dir or default_cache_dir() / "test_sets") / f"mmnist-test-{key.hexdigest()[:12]}"
     if not (folder / _TEST_SET_META).is_file() or not _has_layout(folder):
@@ -227,8 +173,7 @@ def load_test_set(
 
 
 def _has_layout(folder: Path) -> bool:
-    """Whether a cached test set records the digits' positions and labels (a folder of this format without
-    them was written by other code; it is regenerated)."""
+    """Whether a cached test set records the digits' positions and labels (else it is regenerated)."""
     try:
         info = json.loads((folder / "dataset_info.json").read_text())
     except (OSError, ValueError):
@@ -238,8 +183,7 @@ def _has_layout(folder: Path) -> bool:
 
 def clips_to_video(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 clips (N, T, H, W) -> float video (N, T, 1, H, W) in [0, 1]."""
-    if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(frames)
+    frames = torch.as_tensor(frames)  # a numpy array shares its memory
     if frames.dtype != torch.uint8 or frames.ndim != 4:
         raise ValueError(f"expected uint8 clips of shape (N, T, H, W), got {tuple(frames.shape)} {frames.dtype}")
     return frames[:, :, None].float() / 255
@@ -251,24 +195,18 @@ MNIST_TEST_SEQ_CHECKSUM = "md5:be083ec986bfe91a449d63653c411eb2"
 MNIST_TEST_SEQ_TEST_CLIPS = 1000  # the reproduction's split: first 9000 clips train, last 1000 test
 
 
-def load_mnist_test_seq(
-    path: str | os.PathLike | None = None, split: str = "test", download: bool = False
-) -> torch.Tensor:
-    """Reads ``mnist_test_seq.npy`` (20, N, 64, 64) uint8, frame-major, and returns clips (n, 20, 64, 64).
-
-    split: "train" (all but the last 1000 clips), "test" (the last 1000) or "all".
-    Without ``path`` the file is looked for in the package cache and downloaded there
-    (checksum verified) when ``download=True``."""
+def load_mnist_test_seq(path: str | os.PathLike | None = None, split: str = "test",
+                        download: bool = False) -> torch.Tensor:
+    """Reads ``mnist_test_seq.npy`` (20, N, 64, 64) uint8, frame-major, as clips (n, 20, 64, 64). split: "train"
+    (all but the last 1000 clips), "test" or "all". Without ``path``: the package cache, downloaded on request."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     if path is None:
         path = default_cache_dir() / "mnist_test_seq.npy"
         if not path.is_file():
             if not download:
-                raise FileNotFoundError(
-                    f"{path} not found: pass path=<your mnist_test_seq.npy> or download=True "
-                    f"(fetches {MNIST_TEST_SEQ_URL})"
-                )
+                raise FileNotFoundError(f"{path} not found: pass path=<your mnist_test_seq.npy> or download=True "
+                                        f"(fetches {MNIST_TEST_SEQ_URL})")
             download_file(MNIST_TEST_SEQ_URL, path, MNIST_TEST_SEQ_CHECKSUM)
     path = Path(path)
     if not path.is_file():
@@ -278,10 +216,8 @@ def load_mnist_test_seq(
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable .npy array ({e})") from e
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] != 20 or array.shape[2:] != (64, 64):
-        raise ValueError(
-            f"{path}: expected a uint8 array of shape (20, N, 64, 64) (frames first, as the official file), "
-            f"got {array.dtype} {array.shape}"
-        )
+        raise ValueError(f"{path}: expected a uint8 array of shape (20, N, 64, 64) (frames first, as the official "
+                         f"file), got {array.dtype} {array.shape}")
     n_test = MNIST_TEST_SEQ_TEST_CLIPS
     if split != "all" and array.shape[1] <= n_test:
         raise ValueError(f"{path}: holds {array.shape[1]} clips; the train/test split needs more than {n_test}")

@@ -1,5 +1,4 @@
-"""The UNet component, laid out as an exported pipeline folder holds it (``unet/unet_mcvd.py``), so that
-exports copy the file unchanged (remote_code.py)."""
+"""The UNet component, where an export holds it (``unet/unet_mcvd.py``, copied unchanged by remote_code.py)."""
 
 from .unet_mcvd import PRESETS, MCVDUNet2DModel
 

@@ -1,14 +1,12 @@
-"""MCVDUNet2DModel: diffusers' UNet2DModel that owns MCVD's frame layout.
-
-MCVD's "concat" network sees the past frames, the noisy current frames and (for
-interpolation models) the future frames stacked on the channel axis. This class keeps
-that layout in its config, so a saved model is self-describing, and builds the
-concatenation itself: callers pass videos shaped (B, frames, C, H, W).
-"""
+"""MCVDUNet2DModel: diffusers' UNet2DModel that owns MCVD's frame layout: it stacks the past, the noisy current
+and (interpolation) the future frames on the channel axis itself, from videos shaped (B, frames, C, H, W)."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -18,81 +16,47 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 
-# Architectures by name. Every preset takes 5 past frames and predicts 10 at once
-# (the reproduction's 5 -> 10 layout); any entry can be overridden in from_preset.
+# Architectures by name, each at the 5 past -> 10 frames layout; from_preset overrides any entry.
 PRESETS: dict[str, dict] = {
     # CPU tests and the quickstart: 0.7M parameters, 0.8 GFLOP per 64x64 sample.
-    "tiny": dict(
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=8,
-    ),
-    # Close to the reproduction's DDPM UNet: channels 128/256/256/256, two res blocks
-    # per level, attention at 32 px and in the middle, dropout 0.1.
-    "paper": dict(
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=64,
-        dropout=0.1,
-    ),
-    # Made for a 2-core CPU (benchmarks/recipe_search.py): the UNet runs at 16x16 on 4x4
-    # pixel-unshuffled frames, so a digit's 36-pixel trip over 10 frames spans 9 cells of a
-    # receptive field that covers the whole frame; attention at 4x4.
-    "cpu": dict(
-        patch_size=4,
-        block_out_channels=(64, 128, 128),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        attention_head_dim=32,
-    ),
-    # Short GPU budgets, with the CPU recipe search's lessons: the UNet runs at 32x32 on 2x2
-    # pixel-unshuffled frames with twice the width per level (the same FLOPs per level as at
-    # 64x64 with half the width, in wider matmuls that suit a GPU); attention at 16x16 and 8x8.
-    "fast": dict(
-        patch_size=2,
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=64,
-    ),
+    "tiny": dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                 down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    # Close to the reproduction's DDPM UNet: attention at 32 px and in the middle, dropout 0.1.
+    "paper": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2, attention_head_dim=64, dropout=0.1,
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+    # A 2-core CPU's (benchmarks/recipe_search.py): a 16x16 grid of 4x4 pixel-unshuffled frames, so a digit's
+    # 36-pixel trip over 10 frames spans 9 cells of a receptive field that covers the whole frame.
+    "cpu": dict(patch_size=4, block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=32,
+                down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    # Short GPU budgets: a 32x32 grid of 2x2 pixel-unshuffled frames at twice the width per level (the FLOPs of
+    # 64x64 at half the width, in wider matmuls that suit a GPU); attention at 16x16 and 8x8.
+    "fast": dict(patch_size=2, block_out_channels=(128, 256, 256, 256), layers_per_block=2, attention_head_dim=64,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
 }
 
 
-def _check_grid(sample_size, patch_size: int, levels: int) -> None:
-    """The UNet halves its (H/patch, W/patch) grid levels-1 times: each side must divide evenly."""
-    if not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}")
-    sizes = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-    step = patch_size * 2 ** (levels - 1)
-    for size in sizes:
-        if size < 1 or size % step:
-            raise ValueError(
-                f"frames of size {size} do not fit patch_size={patch_size} with {levels} UNet levels: the size must "
-                f"be a multiple of patch_size x 2^{levels - 1} = {step} (the grid of {size}/{patch_size} is halved "
-                f"{levels - 1} times)"
-            )
-
-
 def _check_layout(num_past_frames, num_current_frames, num_future_frames, frame_channels, prob_mask_past,
-                  prob_mask_future, patch_size, partial_past_mask, sample_size,
-                  levels) -> tuple[int, int]:
-    """Checks the frame layout and masking keys; returns the UNet's in and out channels they imply."""
+                  prob_mask_future, patch_size, partial_past_mask, sample_size, levels) -> tuple[int, int]:
+    """Checks the frame layout, masking keys and grid; returns the UNet's in and out channels they imply."""
     if num_past_frames < 0 or num_current_frames < 1 or num_future_frames < 0 or frame_channels < 1:
-        raise ValueError(
-            "expected num_past_frames >= 0, num_current_frames >= 1, num_future_frames >= 0, frame_channels >= 1; "
-            f"got {num_past_frames}, {num_current_frames}, {num_future_frames}, {frame_channels}"
-        )
+        raise ValueError("expected num_past_frames >= 0, num_current_frames >= 1, num_future_frames >= 0, "
+                         f"frame_channels >= 1; got {num_past_frames}, {num_current_frames}, {num_future_frames}, "
+                         f"{frame_channels}")
     for name, p in (("prob_mask_past", prob_mask_past), ("prob_mask_future", prob_mask_future)):
         if not 0 <= p <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
-    _check_grid(sample_size, patch_size, levels)
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}")
+    step = patch_size * 2 ** (levels - 1)  # the UNet halves its (H/patch, W/patch) grid levels-1 times
+    for size in (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size):
+        if size < 1 or size % step:
+            raise ValueError(f"frames of size {size} do not fit patch_size={patch_size} with {levels} UNet levels: the "
+                             f"size must be a multiple of patch_size x 2^{levels - 1} = {step} (the grid of "
+                             f"{size}/{patch_size} is halved {levels - 1} times)")
     if not isinstance(partial_past_mask, bool):
         raise ValueError(f"partial_past_mask must be true or false, got {partial_past_mask!r}")
     if partial_past_mask and prob_mask_past == 0:
@@ -104,23 +68,16 @@ def _check_layout(num_past_frames, num_current_frames, num_future_frames, frame_
 class MCVDUNet2DModel(UNet2DModel):
     """A UNet2DModel whose input is [past | noisy current | future] frames on the channel axis.
 
-    Args (beyond UNet2DModel's):
-        num_past_frames: conditioning frames before the block to generate.
-        num_current_frames: frames generated per denoising block.
-        num_future_frames: conditioning frames after the block (interpolation); 0 for none.
+    Args (beyond UNet2DModel's; in_channels / out_channels follow from them: leave them None):
+        num_past_frames / num_current_frames / num_future_frames: conditioning frames before the block, frames
+            generated per denoising block, conditioning frames after it (interpolation; 0 for none).
         frame_channels: channels per frame (1 for Moving MNIST).
-        prob_mask_past / prob_mask_future: the probability with which training replaces
-            the past / future block by zeros (MCVD's masking). A model can generate without
-            past frames only if it was trained with ``prob_mask_past > 0``, and ignore its
-            future slots only if ``prob_mask_future > 0``.
-        partial_past_mask: a masked past keeps its last k frames (k = 0, MCVD's full mask, for half the
-            masked samples, else uniform in 1..num_past_frames-1), so that unconditional generation can roll
-            out block by block when ``num_current_frames < num_past_frames``: each block conditions on the
-            frames generated so far, zeros before them. False (configs saved before this key): MCVD's mask.
-        patch_size: the UNet runs on frames pixel-unshuffled by this factor (space-to-depth: an
-            HxW frame becomes (H/p)x(W/p) with p*p times the channels) and its output is
-            pixel-shuffled back; 1 runs it at full resolution.
-        in_channels / out_channels: derived from the layout; leave them None.
+        prob_mask_past / prob_mask_future: how often training replaces the past / future block by zeros (MCVD's
+            masking); a model generates without past frames, or ignores its future slots, only if it is > 0.
+        partial_past_mask: a masked past keeps its last k frames (k = 0, MCVD's full mask, for half the masked
+            samples, else uniform in 1..num_past_frames-1), so that generation rolls out block by block when
+            ``num_current_frames < num_past_frames``. False (configs saved before this key): MCVD's mask.
+        patch_size: the UNet runs on (H/p)x(W/p) frames pixel-unshuffled by this factor (1: full resolution).
     """
 
     @register_to_config
@@ -167,24 +124,14 @@ class MCVDUNet2DModel(UNet2DModel):
             num_past_frames, num_current_frames, num_future_frames, frame_channels, prob_mask_past, prob_mask_future,
             patch_size, partial_past_mask, sample_size, len(block_out_channels))
         if in_channels not in (None, expected_in) or out_channels not in (None, expected_out):
-            raise ValueError(
-                f"in_channels/out_channels follow from the frame layout and patch size ({expected_in}/{expected_out}); "
-                f"got {in_channels}/{out_channels}. Leave them None."
-            )
-        super().__init__(
-            sample_size=sample_size, in_channels=expected_in, out_channels=expected_out,
-            center_input_sample=center_input_sample, time_embedding_type=time_embedding_type,
-            time_embedding_dim=time_embedding_dim, freq_shift=freq_shift, flip_sin_to_cos=flip_sin_to_cos,
-            down_block_types=tuple(down_block_types), mid_block_type=mid_block_type,
-            up_block_types=tuple(up_block_types), block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block, mid_block_scale_factor=mid_block_scale_factor,
-            downsample_padding=downsample_padding, downsample_type=downsample_type, upsample_type=upsample_type,
-            dropout=dropout, act_fn=act_fn, attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
-            attn_norm_num_groups=attn_norm_num_groups, norm_eps=norm_eps,
-            resnet_time_scale_shift=resnet_time_scale_shift, add_attention=add_attention,
-            class_embed_type=class_embed_type, num_class_embeds=num_class_embeds,
-            num_train_timesteps=num_train_timesteps,
-        )
+            raise ValueError(f"in_channels/out_channels follow from the frame layout and patch size ({expected_in}/"
+                             f"{expected_out}); got {in_channels}/{out_channels}. Leave them None.")
+        # UNet2DModel gets its own arguments as given (register_to_config has recorded them all in self.config by
+        # now), the block lists as tuples, and the channels the layout implies
+        unet_args = {k: v for k, v in self.config.items() if k in inspect.signature(UNet2DModel.__init__).parameters}
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            unet_args[key] = tuple(unet_args[key])
+        super().__init__(**{**unet_args, "in_channels": expected_in, "out_channels": expected_out})
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MCVDUNet2DModel":
@@ -215,19 +162,16 @@ class MCVDUNet2DModel(UNet2DModel):
 
     @torch.no_grad()
     def warm_start_from(self, source: "MCVDUNet2DModel") -> None:
-        """Copies a trained model's weights into this one (fine-tuning it into a model with more
-        conditioning slots, e.g. a predictor into an interpolating, generating model). Everything but
-        the future slots and the masking must match; the first convolution keeps the source's
-        channels for the past, current and its future frames, and new future slots start at zero, so
-        the warm-started model computes exactly what the source did until it learns to use them."""
+        """Copies a trained model's weights into this one, which may have more future slots (e.g. a predictor
+        into an interpolating, generating model) and other masking. The new future slots' input channels start
+        at zero: the warm-started model computes exactly what the source did until it learns to use them."""
         mine, theirs = dict(self.config), dict(source.config)
-        differ = sorted(k for k in set(mine) | set(theirs)
-                        if k not in self.WARM_START_FREE and mine.get(k) != theirs.get(k))
-        if differ or theirs["num_future_frames"] > mine["num_future_frames"]:
-            details = [f"{k}: source {theirs.get(k)!r}, this model {mine.get(k)!r}" for k in differ]
-            if theirs["num_future_frames"] > mine["num_future_frames"]:
-                details.append(f"num_future_frames: source {theirs['num_future_frames']} > this model's "
-                               f"{mine['num_future_frames']}")
+        details = [f"{k}: source {theirs.get(k)!r}, this model {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                   if k not in self.WARM_START_FREE and mine.get(k) != theirs.get(k)]
+        if theirs["num_future_frames"] > mine["num_future_frames"]:
+            details.append(f"num_future_frames: source {theirs['num_future_frames']} > this model's "
+                           f"{mine['num_future_frames']}")
+        if details:
             raise ValueError("cannot warm-start from a model of another architecture: " + "; ".join(details)
                              + ". Only num_future_frames may grow, and the masking may change")
         state = source.state_dict()
@@ -240,13 +184,9 @@ class MCVDUNet2DModel(UNet2DModel):
         """(B, clip_length, C, H, W) -> past, current, future (None when the model has no future slots)."""
         cfg = self.config
         if clip.ndim != 5 or tuple(clip.shape[1:]) != (self.clip_length, *self.frame_shape):
-            raise ValueError(
-                f"expected clips of shape (B, {self.clip_length}, {', '.join(map(str, self.frame_shape))}), "
-                f"got {tuple(clip.shape)}"
-            )
-        past, current, future = clip.split(
-            [cfg.num_past_frames, cfg.num_current_frames, cfg.num_future_frames], dim=1
-        )
+            raise ValueError(f"expected clips of shape (B, {self.clip_length}, {', '.join(map(str, self.frame_shape))}"
+                             f"), got {tuple(clip.shape)}")
+        past, current, future = clip.split([cfg.num_past_frames, cfg.num_current_frames, cfg.num_future_frames], dim=1)
         return past, current, (future if cfg.num_future_frames else None)
 
     @property
@@ -292,18 +232,15 @@ class MCVDUNet2DModel(UNet2DModel):
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple:
-        """Predicts the noise (or v, or x0) of the current frames.
+        """Predicts the noise (or v, or x0) of the current frames: a ``UNet2DOutput`` shaped like ``sample``.
 
         Args:
             sample: noisy current frames (B, num_current_frames, C, H, W), data in [-1, 1].
             timestep: diffusion step(s), a number or a (B,) tensor.
-            past_frames / future_frames: (B, num_past_frames / num_future_frames, C, H, W) in
-                [-1, 1]; None means the block is masked (zeros), as in MCVD.
-            keep_past / keep_future: optional (B,) bool tensors, False masks that sample's block; or
-                (B, frames), False masks that frame (a partial mask).
-
-        Returns:
-            ``UNet2DOutput`` whose ``sample`` has the shape of ``sample``.
+            past_frames / future_frames: (B, num_past_frames / num_future_frames, C, H, W) in [-1, 1]; None
+                means the block is masked (zeros), as in MCVD.
+            keep_past / keep_future: optional (B,) bool tensors, False masks that sample's block; or (B, frames),
+                False masks that frame (a partial mask).
         """
         cfg = self.config
         expected = (cfg.num_current_frames, *self.frame_shape)
@@ -312,31 +249,22 @@ class MCVDUNet2DModel(UNet2DModel):
         if future_frames is not None and cfg.num_future_frames == 0:
             raise ValueError("future_frames given, but this model has no future-frame slots (num_future_frames=0)")
         current = sample.flatten(1, 2)
-        blocks = [
-            self._condition(past_frames, cfg.num_past_frames, "past_frames", current, keep_past),
-            current,
-            self._condition(future_frames, cfg.num_future_frames, "future_frames", current, keep_future),
-        ]
-        patch = cfg.patch_size
-        net_input = torch.cat(blocks, dim=1)
-        if patch > 1:
-            net_input = F.pixel_unshuffle(net_input, patch)
+        past = self._condition(past_frames, cfg.num_past_frames, "past_frames", current, keep_past)
+        future = self._condition(future_frames, cfg.num_future_frames, "future_frames", current, keep_future)
+        net_input = torch.cat([past, current, future], dim=1)
+        if cfg.patch_size > 1:
+            net_input = F.pixel_unshuffle(net_input, cfg.patch_size)
         out = super().forward(net_input, timestep, class_labels=class_labels, return_dict=False)[0]
-        if patch > 1:
-            out = F.pixel_shuffle(out, patch)
+        if cfg.patch_size > 1:
+            out = F.pixel_shuffle(out, cfg.patch_size)
         out = out.reshape(sample.shape)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
-# diffusers runs this file twice when it loads an export as remote code (trust_remote_code=True): for the
-# pipeline's import and for the unet component, under two module names. Both bind MCVDUNet2DModel to the
-# first class made from this file's bytes, so that the unet is an instance of the class the pipeline
-# expects (one class; otherwise diffusers warns "Expected types for unet"). In the package it runs once.
+# diffusers runs this file twice when it loads an export as remote code (trust_remote_code=True), for the pipeline's
+# import and for the unet component: both runs bind MCVDUNet2DModel to the first class made from this file's bytes,
+# so that the unet is an instance of the class the pipeline expects (else diffusers warns "Expected types for unet").
 def _first_made(cls):
-    import hashlib
-    import sys
-    import types
-
     registry = sys.modules.setdefault("_mcvd_diffusers_remote_code", types.ModuleType("_mcvd_diffusers_remote_code"))
     with open(__file__, "rb") as f:
         key = f"unet_mcvd:{hashlib.sha256(f.read()).hexdigest()[:16]}:{cls.__name__}"
