@@ -281,13 +281,16 @@ def comparison_gif(path: str | os.PathLike, past: torch.Tensor, target: torch.Te
     """A GIF grid: one row per clip, columns ground truth then each prediction. The past frames play first in
     every column (green border), then the future (white border for ground truth, red for predictions)."""
     columns, num_past = {GROUND_TRUTH: target, **predictions}, past.shape[1]
+    borders = {label: (255, 255, 255) if label == GROUND_TRUTH else (220, 50, 50) for label in columns}
     tile_width = past.shape[-1] * scale + 4
     frames = []
     for t in range(num_past + target.shape[1]):
-        grid = np.concatenate([np.concatenate([
-            _tile(past[b, t], scale, (40, 200, 70)) if t < num_past else
-            _tile(video[b, t - num_past], scale, (255, 255, 255) if label == GROUND_TRUTH else (220, 50, 50))
-            for label, video in columns.items()], axis=1) for b in range(past.shape[0])], axis=0)
+        rows = []
+        for b in range(past.shape[0]):  # one row per clip: every column shows the same past frame first
+            tiles = [_tile(past[b, t], scale, (40, 200, 70)) if t < num_past
+                     else _tile(video[b, t - num_past], scale, borders[label]) for label, video in columns.items()]
+            rows.append(np.concatenate(tiles, axis=1))
+        grid = np.concatenate(rows, axis=0)
         image = PIL.Image.new("RGB", (grid.shape[1], grid.shape[0] + 28))
         draw = PIL.ImageDraw.Draw(image)
         for i, label in enumerate(columns):
