@@ -144,7 +144,7 @@ def test_interpolation_uses_future_frames():
         (torch.rand(1, 2, 32, 32), {"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
         (torch.rand(1, 2, 32, 32), {"num_inference_steps": 2.0}, "num_inference_steps must be an integer >= 1"),
         (torch.rand(1, 2, 32, 32), {"num_frames": 0}, "num_frames must be an integer >= 1"),
-        (torch.rand(1, 2, 32, 32), {"output_type": "latent"}, "output_type must be one of"),
+        (torch.rand(1, 2, 32, 32), {"output_type": "mp4"}, "output_type must be one of"),
         (torch.rand(1, 2, 32, 32), {"batch_size": 4}, "batch_size=4 but past_frames holds 1"),
         (torch.rand(0, 2, 32, 32), {}, r"past_frames holds no videos \(a batch of 0"),
     ],

@@ -94,6 +94,33 @@ def test_a_list_of_videos_is_the_batch_and_each_video_alone_gives_its_own_result
                                rtol=0, atol=0)
 
 
+def test_a_list_of_batches_is_joined_in_order_and_a_list_of_pil_frames_is_one_video(pipe, past):
+    batch = run(pipe, past, generator=gens(2))
+    grey_batches = run(pipe, [past[:1], past[1:].numpy()], generator=gens(2))  # (B, F, H, W) each
+    torch.testing.assert_close(grey_batches, batch, rtol=0, atol=0)
+    batches_5d = run(pipe, [past[:1, :, None], past[1:, :, None]], generator=gens(2))  # (B, F, C, H, W) each
+    torch.testing.assert_close(batches_5d, batch, rtol=0, atol=0)
+    uint8 = (past[1:] * 255).round().to(torch.uint8)
+    frames = [PIL.Image.fromarray(frame.numpy(), mode="L") for frame in uint8[0]]  # one video, not a list of them
+    one_video = run(pipe, frames, generator=gens(1, seed=1))
+    assert one_video.shape == (1, 5, 1, 32, 32)
+    torch.testing.assert_close(one_video, run(pipe, uint8, generator=gens(1, seed=1)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"must share one shape and dtype, got \(2, 1, 32, 32\) .*\(2, 32, 32\)"):
+        run(pipe, [past[:1], past[1:, :, None]])  # a batch of grey (F, H, W) videos beside one of (F, C, H, W)
+
+
+def test_latent_output_is_the_denoised_sample_before_post_processing(pipe, past):
+    latent = run(pipe, past, generator=gens(2), output_type="latent")
+    assert latent.shape == (2, 5, 1, 32, 32) and latent.min() < -0.5  # [-1, 1], as the UNet works
+    torch.testing.assert_close(((latent + 1) / 2).clamp(0, 1), run(pipe, past, generator=gens(2)), rtol=0, atol=1e-6)
+
+    def zero_at_the_last_step(pipeline, i, t, kwargs):  # diffusers' generic callback check
+        return {"latents": kwargs["latents"] * 0} if i == pipeline.num_timesteps - 1 else kwargs
+
+    zeroed = run(pipe, past, generator=gens(2), output_type="latent", callback_on_step_end=zero_at_the_last_step)
+    assert zeroed[:, 3:].abs().sum() == 0 and zeroed[:, :3].abs().sum() > 1  # only the last block's last step
+
+
 def test_tuple_output_and_output_types_hold_the_same_frames(pipe, past):
     frames = run(pipe, past, generator=gens(2))
     (as_tuple,) = pipe(past, num_frames=5, num_inference_steps=STEPS, generator=gens(2), return_dict=False)

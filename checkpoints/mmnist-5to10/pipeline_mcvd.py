@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from .integrity import check_finite, check_tensor_names, verify_checksums
 from .unet.unet_mcvd import MCVDUNet2DModel
 
-OUTPUT_TYPES = ("pt", "np", "pil")
+OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 # The schedulers this pipeline's loop drives exactly: each returns the video a perfect UNet predicts
 # (tests/test_pipeline.py). Refused: sigma-space ones (EDM, consistency models), which would get wrong
 # timesteps, and DEIS, PNDM, SA-Solver and TCD, which stop one step short of a clean sample.
@@ -41,7 +41,8 @@ WEIGHTS_NAME = "diffusion_pytorch_model"
 
 @dataclass
 class MCVDPipelineOutput(BaseOutput):
-    """``frames``: "pt" (B, F, C, H, W) in [0, 1]; "np" (B, F, H, W, C) in [0, 1]; "pil" B lists of F images."""
+    """``frames``: "pt" (B, F, C, H, W) in [0, 1]; "np" (B, F, H, W, C) in [0, 1]; "pil" B lists of F images;
+    "latent" (B, F, C, H, W) in [-1, 1], the denoised sample as the UNet works on it."""
 
     frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
 
@@ -176,15 +177,19 @@ class MCVDPipeline(DiffusionPipeline):
         return self._interrupt
 
     def _as_batch(self, frames, name: str):
-        """Numpy arrays as tensors, and a list of videos (each a tensor or array of (F, H, W) or (F, C, H, W), or a
-        list of PIL images) as one batch; other values (None among them) unchanged, for check_inputs to name."""
+        """Numpy arrays as tensors, and a list as one batch, as diffusers' VideoProcessor reads lists: a list of PIL
+        images is one video; any other list holds videos ((F, H, W), (F, C, H, W), a list of PIL images) or batches
+        of videos ((B, F, C, H, W); for a grey model also (B, F, H, W), since its frames cannot have F channels),
+        joined in order. Other values (None among them) unchanged, for check_inputs to name."""
         if isinstance(frames, np.ndarray):
             return torch.from_numpy(frames)
         if not isinstance(frames, (list, tuple)):
             return frames
         if len(frames) == 0:
             raise ValueError(f"{name} is an empty list; pass at least one video")
-        videos = []
+        if all(isinstance(frame, PIL.Image.Image) for frame in frames):
+            frames = [frames]
+        batches = []
         for video in frames:
             if isinstance(video, (list, tuple)) and video and all(isinstance(f, PIL.Image.Image) for f in video):
                 modes = {frame.mode for frame in video}
@@ -197,12 +202,13 @@ class MCVDPipeline(DiffusionPipeline):
             if not isinstance(video, torch.Tensor):
                 raise ValueError(f"{name}: each video of a list must be a tensor, a numpy array or a list of PIL "
                                  f"images, got {type(video).__name__}")
-            videos.append(video)
-        layouts = sorted({(tuple(v.shape), str(v.dtype)) for v in videos})
+            grey_batch = video.ndim == 4 and self.unet.frame_shape[0] == 1 and video.shape[1] != 1
+            batches.append(video if video.ndim == 5 or grey_batch else video[None])
+        layouts = sorted({(tuple(v.shape[1:]), str(v.dtype)) for v in batches})
         if len(layouts) > 1:
             raise ValueError(f"{name}: the videos of a list must share one shape and dtype, got "
                              + ", ".join(f"{shape} {dtype}" for shape, dtype in layouts))
-        return torch.stack(videos)
+        return torch.cat(batches)
 
     def _check_frames(self, frames, name: str, count: int) -> int:
         """Checks user frames as ``_as_batch`` returns them; returns the number of videos."""
@@ -408,7 +414,7 @@ class MCVDPipeline(DiffusionPipeline):
             num_videos_per_prompt: futures drawn per input video, kept together in the output.
             eta: DDIM's eta (0: deterministic); ignored by schedulers without it.
             latents: every block's initial noise, (videos, blocks x ``num_current_frames``, C, H, W), UNet dtype/device.
-            output_type: "pt", "np" or "pil".
+            output_type: "pt", "np", "pil", or "latent" (the denoised sample in [-1, 1], not post-processed).
             return_dict: False returns the tuple ``(frames,)``.
             callback_on_step_end: ``fn(pipe, i, t, kwargs)`` after each step, i over all blocks; a dict it returns
                 replaces those tensors (``PipelineCallback`` objects name their own).
@@ -446,6 +452,9 @@ class MCVDPipeline(DiffusionPipeline):
 
         # 6. Post-process
         video = torch.cat(blocks, dim=1)[:, :num_frames]  # (B, F, C, H, W) in [-1, 1]
-        frames = self.video_processor.postprocess_video(video.permute(0, 2, 1, 3, 4).float(), output_type)
+        if output_type == "latent":
+            frames = video
+        else:
+            frames = self.video_processor.postprocess_video(video.permute(0, 2, 1, 3, 4).float(), output_type)
         self.maybe_free_model_hooks()
         return MCVDPipelineOutput(frames=frames) if return_dict else (frames,)
