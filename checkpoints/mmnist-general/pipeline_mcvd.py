@@ -384,6 +384,14 @@ class MCVDPipeline(DiffusionPipeline):
             progress_bar.update()
         return latents
 
+    def postprocess(self, blocks: list[torch.Tensor], num_frames: int, output_type: str):
+        """The generated blocks as ``output_type`` asks: "latent" as they are, (B, F, C, H, W) in [-1, 1]; else
+        through the VideoProcessor."""
+        video = torch.cat(blocks, dim=1)[:, :num_frames]
+        if output_type == "latent":
+            return video
+        return self.video_processor.postprocess_video(video.permute(0, 2, 1, 3, 4).float(), output_type)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -451,10 +459,6 @@ class MCVDPipeline(DiffusionPipeline):
                 past = self.slide_past(past, blocks[-1])
 
         # 6. Post-process
-        video = torch.cat(blocks, dim=1)[:, :num_frames]  # (B, F, C, H, W) in [-1, 1]
-        if output_type == "latent":
-            frames = video
-        else:
-            frames = self.video_processor.postprocess_video(video.permute(0, 2, 1, 3, 4).float(), output_type)
+        frames = self.postprocess(blocks, num_frames, output_type)
         self.maybe_free_model_hooks()
         return MCVDPipelineOutput(frames=frames) if return_dict else (frames,)
