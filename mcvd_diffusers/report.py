@@ -22,6 +22,7 @@ from diffusers.utils import export_to_gif
 
 from .hub import read_training_info, write_model_card
 from .metrics import DIGIT_ACC, METRICS
+from .protocols import MCVD_COLUMNS, OPENSTL_COLUMNS, PROTOCOL_TITLES, format_cell
 from .runtime import versions
 
 GROUND_TRUTH = "ground truth"  # the sanity row, and the first column of the GIFs
@@ -111,9 +112,9 @@ def protocol_notes(record: dict) -> list[str]:
     fvd = record.get("fvd")
     if fvd:
         videos = "past + predicted" if fvd["include_past"] else "predicted"
-        pooling = "all k x N samples as one set" if fvd["pooling"] == "all" else "one FVD per sample index, averaged"
         notes.append(f"FVD (lower is better): I3D Kinetics-400 logits of {videos} frames at {fvd['frame_size']} px, "
-                     f"{pooling}, against the N real videos; I3D weights {fvd['weights']}.")
+                     "all k x N samples as one set against the N real videos (MCVD's table also gives the mean of one "
+                     f"FVD per sample trajectory); I3D weights {fvd['weights']}.")
     digits = record.get("digit_identity") or {}
     if _has_digit_identity(record):
         accuracy = digits.get("classifier_mnist_test_accuracy")
@@ -148,6 +149,24 @@ def summary_table(record: dict) -> str:
     return markdown_table(header, lines)
 
 
+def protocol_tables(record: dict) -> list[tuple[str, str]]:
+    """(title, markdown table) for each of the field's protocols the record holds (MCVD's, OpenSTL's): a line per
+    sampler and baseline (the ground truth, a perfect score, is left out)."""
+    tables = []
+    k = record["eval_config"]["samples_per_clip"]
+    for protocol, columns in (("mcvd", MCVD_COLUMNS), ("openstl", OPENSTL_COLUMNS)):
+        rows = {label: row["protocols"][protocol] for label, row in record["rows"].items()
+                if protocol in row.get("protocols", {}) and label != GROUND_TRUTH}
+        if not rows:
+            continue
+        shown = [c for c in columns if any(c[0] in scores for scores in rows.values())]
+        lines = [[label, *[format_cell(scores.get(name), digits) for name, _, digits in shown]]
+                 for label, scores in rows.items()]
+        tables.append((PROTOCOL_TITLES[protocol].format(k=k), markdown_table(["row", *[t for _, t, _ in shown]],
+                                                                              lines)))
+    return tables
+
+
 def evaluation_results(record: dict) -> list[dict]:
     """Every number of the summary table, unrounded: {row, metric, aggregate, value, ci95} per row, metric
     and aggregate, and FVD, a number per row (aggregate None). The model card's metadata takes the shipped
@@ -158,8 +177,10 @@ def evaluation_results(record: dict) -> list[dict]:
             results += [{"row": label, "metric": metric, "aggregate": name, "value": float(stats[name]["mean"]),
                          "ci95": float(stats[name]["ci95"])}
                         for name in _aggregates(row) if stats[name]["mean"] is not None]
-        if row.get("fvd") is not None:
-            results.append({"row": label, "metric": "fvd", "aggregate": None, "value": float(row["fvd"]), "ci95": None})
+        for metric in ("fvd", "fvd_traj_mean"):
+            if row.get(metric) is not None:
+                results.append({"row": label, "metric": metric, "aggregate": None, "value": float(row[metric]),
+                                "ci95": None})
     return results
 
 
@@ -174,6 +195,7 @@ def update_model_card(folder: Path, record: dict) -> Path:
                           "data_source": record["data_source"], "device": device_text(record),
                           "test_set": record["test_set"]["name"], "shipped_sampler": record.get("shipped_sampler"),
                           "fvd": record.get("fvd"), "table": summary_table(record),
+                          "protocol_tables": protocol_tables(record),
                           "results": evaluation_results(record)}
     return write_model_card(folder, info)
 
@@ -213,7 +235,8 @@ def write_outputs(out: Path, record: dict, past: torch.Tensor, future: torch.Ten
         f"{record['eval_config']['num_clips']} clips of the {record['test_set']['name']} test set "
         f"({record['data_source']}), {record['eval_config']['samples_per_clip']} samples per clip, device "
         f"{record['device']}. Values: mean over clips ± 95% interval; per frame, then mean-of-k or best-of-k "
-        f"per clip. PSNR capped at 100 dB.\n\n{table}\n" + "".join(f"\n{note}\n" for note in protocol_notes(record)))
+        f"per clip. PSNR capped at 100 dB.\n\n{table}\n" + "".join(f"\n{note}\n" for note in protocol_notes(record))
+        + "".join(f"\n## {title}\n\n{other}\n" for title, other in protocol_tables(record)))
     plot_curves(out / "curves.png", record)
     if len(past) and gifs:
         predictions = {f"{spec} #{s + 1}": gif[:, s].float() / 255 for spec, gif in gifs.items()
@@ -347,6 +370,7 @@ k samples (mean-of-k) or the best sample (best-of-k). No post-processing of pred
 marked '+ stretch').</p>
 {_markdown_table_to_html(table)}
 {"".join(f"<p>{html.escape(note)}</p>" for note in protocol_notes(record))}
+{"".join(f"<h2>{html.escape(title)}</h2>{_markdown_table_to_html(other)}" for title, other in protocol_tables(record))}
 <h2>Per-frame metrics</h2>
 <img alt="per-frame metric curves" src="{_data_uri(curves, 'image/png')}">
 {gif_html}

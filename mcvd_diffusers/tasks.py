@@ -125,7 +125,7 @@ def evaluate_generation(config: EvalConfig, requested: list[SamplerSpec | None])
         if i3d is not None:
             features = i3d_features(videos, i3d, batch_size=config.batch_size, resize_to=config.fvd_size)[:, None]
             real_features = features[:, 0] if label == REAL else real_features
-            row["scores"]["fvd"] = fvd_from_features(features, real_features, config.fvd_pooling)
+            row["scores"]["fvd"] = fvd_from_features(features, real_features, "all")  # one sample per video
     fvd = None if i3d is None else {"weights": fvd_weights, "frame_size": config.fvd_size}
     record = {"task": "generate", **make_record(
         setup.asked, dict(pipe.unet.config), test_info, device_name(device), setup.shipped, fvd, rows,

