@@ -499,8 +499,9 @@ def score_baselines(baselines, scored: Scoring, config: EvalConfig) -> dict[str,
                 progress.update(len(prediction[batch]))
             rows[label] = {"kind": "baseline", "samples_per_clip": 1, "per_frame": _concat(parts, num_clips, 1),
                            "timing": {}}
-            if scored.i3d is not None:
-                features = video_features(scored.i3d, scored.past, prediction, config)[:, None]
+            if scored.i3d is not None:  # the ground truth's features are the real clips' own
+                features = (scored.real_features if label == GROUND_TRUTH
+                            else video_features(scored.i3d, scored.past, prediction, config))[:, None]
                 rows[label].update(fvd_scores(features, scored.real_features))
     return rows
 

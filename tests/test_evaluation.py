@@ -334,10 +334,10 @@ def test_real_clip_features_are_computed_once_per_test_set(model_dir, tmp_path, 
     options = dict(samplers=["ddim:2"], fvd=True, fvd_weights="random", fvd_size=32, timing=False,
                    samples_per_clip=1)
     first = evaluate(config(model_dir, tmp_path / "a", **options))
-    assert len(computed) == 4  # the 3 real clips, then the two baselines and the sampler's one batch
+    assert len(computed) == 3  # the 3 real clips (the ground truth's too), copy-last, the sampler's one batch
     computed.clear()
     second = evaluate(config(model_dir, tmp_path / "b", **options))  # another results folder, the same test set
-    assert len(computed) == 3  # the real clips' features came from the test set's folder
+    assert len(computed) == 2  # the real clips' features came from the test set's folder
     assert second["rows"]["ddim:2"]["fvd"] == pytest.approx(first["rows"]["ddim:2"]["fvd"])
     cached = list(Path(first["test_set"]["path"].replace("~", str(Path.home()), 1)).glob("fvd_real_features/*.npy"))
     assert len(cached) == 1 and np.load(cached[0]).shape == (3, 400)
