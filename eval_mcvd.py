@@ -9,7 +9,7 @@ usage:
 Writes into --out: metrics.json, summary.md, per_clip.csv, curves.png, predictions.gif and
 report.html (self-contained). Finished samplers are cached in --out/cache: rerunning an
 interrupted evaluation skips them. Every key of mcvd_diffusers.evaluation.EvalConfig is a flag
-(listed below); sampler names: see README.md (mcvd_diffusers.SAMPLERS).
+(listed below); sampler names: see docs/usage.md (mcvd_diffusers.SAMPLERS).
 """
 
 import argparse

@@ -462,7 +462,7 @@ def real_video_features(i3d: I3D, past: torch.Tensor, future: torch.Tensor, conf
     """The real clips' I3D features, computed once per test set, clip count and FVD setting: kept beside a
     generated test set (or in the results' cache for other test sets) and reused by every later evaluation."""
     setting = {"test_set": {k: v for k, v in test_info.items() if k != "path"}, "num_clips": len(future),
-               "past": past.shape[1], "frames": future.shape[1], "first_frame": config.task,
+               "past": past.shape[1], "frames": future.shape[1], "task": config.task,
                "include_past": config.fvd_include_past, "size": config.fvd_size, "weights": weights}
     key = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = Path(test_info["path"]) if "path" in test_info else Path(config.out) / "cache"

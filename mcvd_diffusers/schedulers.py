@@ -21,7 +21,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # DPM-Solver++-20 samples were speckled (binarized SSIM 0.22, with it 0.45; 8 clips x 2 samples).
 _CLIP_X0 = {"thresholding": True, "sample_max_value": 1.0}
 
-# name -> (scheduler class, config overrides). Documented in README.md.
+# name -> (scheduler class, config overrides). Documented in docs/usage.md.
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing"}),
     "ddim": (DDIMScheduler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}),

@@ -366,6 +366,11 @@ def test_fvd_without_weights_fails_before_any_sampling(model_dir, tmp_path, monk
         evaluate(config(model_dir, tmp_path, protocols=["ours", "fvd-only"]))
 
 
+def test_an_unknown_protocol_on_the_command_line_is_one_line(run_script):
+    code, stderr = run_script("eval_mcvd.py", "--model", "m", "--out", "o", "--protocols", "ours", "mcvd-2023")
+    assert code == 2 and "protocols must be one or more of ('ours', 'mcvd', 'openstl')" in stderr
+
+
 def test_mcvd_and_openstl_protocols_score_the_baseline_as_their_code_does(evaluated, mnist_test_clips):
     """Copy-last is deterministic, so its numbers under both protocols can be recomputed from the test clips with
     scikit-image directly."""

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mcvd_diffusers import PRESETS, MCVDUNet2DModel
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PRESETS_DOC = Path(__file__).resolve().parents[1] / "docs" / "data-and-presets.md"  # the preset table
 
 
 def small(**overrides):
@@ -88,12 +88,12 @@ def _rounding(printed: str) -> float:
 
 
 def test_every_preset_builds_and_has_the_size_the_readme_states():
-    """The README's preset table (parameters, forward GFLOP of one 64x64 sample) against each preset
+    """The preset table of docs/data-and-presets.md (parameters, forward GFLOP of one 64x64 sample) against each preset
     built at its default frame layout; a forward pass on the meta device checks that the preset's
     grid, widths and attention fit together and counts its FLOPs without computing anything."""
     documented = {name: (params, gflop) for name, params, gflop in
-                  re.findall(r"^\| `(\w+)` \| ([\d.]+)M \| ([\d.]+) \|", README.read_text(), re.MULTILINE)}
-    assert set(documented) == set(PRESETS), "every preset, and only those, in the README's table"
+                  re.findall(r"^\| `(\w+)` \| ([\d.]+)M \| ([\d.]+) \|", PRESETS_DOC.read_text(), re.MULTILINE)}
+    assert set(documented) == set(PRESETS), "every preset, and only those, in the preset table of docs/data-and-presets.md"
     for name, (params, gflop) in documented.items():
         with torch.device("meta"), torch.no_grad():
             unet = MCVDUNet2DModel.from_preset(name).eval()
@@ -103,15 +103,15 @@ def test_every_preset_builds_and_has_the_size_the_readme_states():
                 out = unet(x, torch.tensor([10]), past_frames=past).sample
         assert unet.frame_shape == (1, 64, 64) and out.shape == x.shape, name
         count = sum(p.numel() for p in unet.parameters())
-        assert abs(count / 1e6 - float(params)) <= _rounding(params), f"{name}: {count / 1e6:.3f}M, README {params}M"
-        # The README's figures come from torch.utils.flop_counter, some from before it counted attention
+        assert abs(count / 1e6 - float(params)) <= _rounding(params), f"{name}: {count / 1e6:.3f}M, docs {params}M"
+        # The table.s figures come from torch.utils.flop_counter, some from before it counted attention
         # on the CPU (torch < 2.15 left out _scaled_dot_product_flash_attention_for_cpu): each must lie
         # between the count without attention and the count with it. On meta, attention runs as bmm.
         flops = counter.get_flop_counts()["Global"]
         attention = sum(n for op, n in flops.items() if "scaled_dot_product" in str(op) or str(op) == "aten.bmm")
         total = counter.get_total_flops()
         low, high = (total - attention) / 1e9 - _rounding(gflop), total / 1e9 + _rounding(gflop)
-        assert low <= float(gflop) <= high, f"{name}: {low:.3f}..{high:.3f} GFLOP, README {gflop}"
+        assert low <= float(gflop) <= high, f"{name}: {low:.3f}..{high:.3f} GFLOP, docs {gflop}"
 
 
 def test_presets_and_bad_configs():
@@ -129,7 +129,7 @@ def test_paper_preset_is_close_to_the_reproduction_network():
     unet = MCVDUNet2DModel.from_preset("paper")
     params = sum(p.numel() for p in unet.parameters())
     # channels 128/256/256/256 with attention at 32 px, as the reproduction (46.4M there,
-    # which also counted layers we do not know of); see README for the comparison.
+    # which also counted layers we do not know of); see docs/data-and-presets.md for the comparison.
     assert 30e6 < params < 50e6
     assert unet.config.dropout == 0.1 and unet.config.in_channels == 15
 

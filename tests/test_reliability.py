@@ -297,6 +297,7 @@ def test_overwrite_only_ever_deletes_a_run_folder(tmp_path):
 @pytest.mark.parametrize("key, value, message", [
     ("learning_rate", "inf", "learning_rate must be a finite number, got inf"),
     ("grad_clip", "nan", "grad_clip must be a finite number, got nan"),
+    ("bounce", "mirror", "bounce must be one of ('clamp', 'elastic')"),
     ("hub_model_id", "me/my model", "hub_model_id 'me/my model' is not a valid Hub repo id"),
     ("output_dir", "README.md", "output_dir README.md cannot be created: README.md is a file, not a folder"),
 ])
